@@ -1,0 +1,7 @@
+"""sdalign_rt: speculative decoding between different (multimodal) models, with fused Triton kernels."""
+from sdalign_rt import ops
+from sdalign_rt.adapter import BottleneckAdapter
+from sdalign_rt.tree_masks import TreeMasks
+
+__version__ = "0.1.0"
+__all__ = ["ops", "BottleneckAdapter", "TreeMasks", "__version__"]

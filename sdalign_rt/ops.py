@@ -1,0 +1,395 @@
+"""The one dispatch point of every op: validation at the boundary, then a backend.
+
+Backends: "triton" (the kernels in kernels/, for CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
+"cpp" (the C++ ops of csrc/ for the tree ops; ATen, i.e. the reference, for the dense ops, which are
+matmuls and reductions ATen already runs well on CPU), and "reference" (sdalign_rt/reference.py).
+SDALIGN_RT_BACKEND=auto|triton|cpp|reference picks one for every op; `use_backend` does it in code.
+"auto" is Triton for CUDA tensors, C++ for CPU tensors when the extension is built, else the reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Sequence
+
+import torch
+
+from sdalign_rt import _ext, checks, reference
+from sdalign_rt.checks import value_checks
+from sdalign_rt.tree_masks import TreeMasks
+
+__all__ = [
+    "fused_adapter", "cosine_accept", "adapter_cosine_accept", "build_tree", "verify_tree_greedy",
+    "verify_tree_sampling", "kv_compact", "BACKENDS", "get_backend", "set_backend", "use_backend",
+    "available_backends", "value_checks", "resolve_backend",
+]
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+MAX_HIDDEN = 8192  # the adapter kernel's limits (registers for the [rows, R] bottleneck)
+MAX_BOTTLENECK = 512
+MAX_TREE_NODES = 128  # the tree kernels hold an N x N tile per program
+
+_backend_override: str | None = None
+
+
+def get_backend() -> str:
+    name = _backend_override or os.environ.get("SDALIGN_RT_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"SDALIGN_RT_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op in this process (None: back to SDALIGN_RT_BACKEND / auto)."""
+    global _backend_override
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend_override = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    previous = _backend_override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_triton_error: str | None = None
+
+
+def triton_available() -> bool:
+    global _triton_error
+    try:
+        importlib.import_module("triton")
+        return True
+    except ImportError as exc:
+        _triton_error = str(exc)
+        return False
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run on tensors of `device` in this process."""
+    device = torch.device(device)
+    names = ["reference"]
+    if device.type == "cpu" and _ext.cpp_available():
+        names.append("cpp")
+    if triton_available() and (device.type == "cuda" or _interpreting()):
+        names.append("triton")
+    return names
+
+
+def _kernels(name: str):
+    return importlib.import_module(f"sdalign_rt.kernels.{name}")
+
+
+def resolve_backend(op: str, device: torch.device, *, has_cpp: bool, triton_ok: str | None = None) -> str:
+    """The backend that runs `op` on `device`. triton_ok: None if the kernel handles this input, else why not."""
+    choice = get_backend()
+    if choice == "auto":
+        if device.type == "cuda" and triton_available() and triton_ok is None:
+            return "triton"
+        if device.type == "cpu" and has_cpp and _ext.cpp_available():
+            return "cpp"
+        return "reference"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: SDALIGN_RT_BACKEND=triton but triton cannot be imported ({_triton_error})")
+        if device.type != "cuda" and not _interpreting():
+            raise RuntimeError(f"{op}: the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                               f"triton is imported to run the kernels on {device.type} tensors")
+        if triton_ok is not None:
+            raise ValueError(f"{op}: the Triton kernel does not handle this input: {triton_ok}")
+        return "triton"
+    if choice == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"{op}: the cpp backend runs on CPU tensors, got {device.type} tensors")
+        if not _ext.cpp_available():
+            raise RuntimeError(f"{op}: SDALIGN_RT_BACKEND=cpp but the C++ extension is not built "
+                               f"({_ext.load_error}); reinstall with a compiler and without SDALIGN_RT_NO_EXT=1")
+        return "cpp" if has_cpp else "reference"
+    return "reference"
+
+
+# ---------------------------------------------------------------------------------------------- dense ops
+
+
+def _adapter_limits(hidden: int, bottleneck: int) -> str | None:
+    if hidden > MAX_HIDDEN:
+        return f"hidden size {hidden} > {MAX_HIDDEN}"
+    if bottleneck > MAX_BOTTLENECK:
+        return f"bottleneck {bottleneck} > {MAX_BOTTLENECK}"
+    return None
+
+
+def fused_adapter(x, w_down, b_down, w_up, b_up):
+    """y = x + gelu(x @ w_down.T + b_down) @ w_up.T + b_up (erf GELU, fp32 accumulation, y in x's dtype).
+
+    x[..., D], w_down[R, D], b_down[R] or None, w_up[D, R], b_up[D] or None.
+    """
+    checks.tensor("x", x, min_ndim=1, dtypes=checks.FLOAT_DTYPES)
+    bottleneck = checks.adapter_weights(x.shape[-1], w_down, b_down, w_up, b_up)
+    checks.same_device(x=x, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up)
+    checks.finite("x", x)
+    backend = resolve_backend("fused_adapter", x.device, has_cpp=False,
+                              triton_ok=_adapter_limits(x.shape[-1], bottleneck))
+    if backend == "triton":
+        return _kernels("fused_adapter").fused_adapter(x, w_down, b_down, w_up, b_up)
+    return reference.fused_adapter(x, w_down, b_down, w_up, b_up)
+
+
+def _check_pair(a, b):
+    checks.tensor("a", a, ndim=3, dtypes=checks.FLOAT_DTYPES)
+    checks.tensor("b", b, ndim=3, dtypes=checks.FLOAT_DTYPES)
+    checks.shape("b", b, tuple(a.shape), "the same [B, T, D] as a")
+    checks.same_device(a=a, b=b)
+    checks.finite("a", a)
+    checks.finite("b", b)
+
+
+def cosine_accept(a, b, threshold: float = 0.9, mode: str = "consecutive"):
+    """(sims[B, T] fp32, accept[B, T] bool, n_accept[B] int64) for a, b [B, T, D].
+
+    sims = cosine(a, b) per position in fp32 (0 for zero-norm rows, clamped to [-1, 1]); accept =
+    sims >= threshold; n_accept = leading run of accepted positions ("consecutive") or their count ("relaxed").
+    """
+    _check_pair(a, b)
+    threshold, mode = checks.threshold(threshold), checks.accept_mode(mode)
+    backend = resolve_backend("cosine_accept", a.device, has_cpp=False)
+    if backend == "triton":
+        return _kernels("cosine_accept").cosine_accept(a, b, threshold, mode)
+    return reference.cosine_accept(a, b, threshold, mode)
+
+
+def adapter_cosine_accept(a, b, w_down, b_down, w_up, b_up, threshold: float = 0.9, mode: str = "consecutive"):
+    """fused_adapter(a) and cosine_accept(adapted, b) in one launch.
+
+    a: drafter hidden states [B, T, D]; b: verifier hidden states [B, T, D].
+    Returns (adapted[B, T, D] in a's dtype, sims[B, T], accept[B, T], n_accept[B]).
+    """
+    _check_pair(a, b)
+    bottleneck = checks.adapter_weights(a.shape[-1], w_down, b_down, w_up, b_up)
+    checks.same_device(a=a, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up)
+    threshold, mode = checks.threshold(threshold), checks.accept_mode(mode)
+    backend = resolve_backend("adapter_cosine_accept", a.device, has_cpp=False,
+                              triton_ok=_adapter_limits(a.shape[-1], bottleneck))
+    if backend == "triton":
+        return _kernels("adapter_cosine_accept").adapter_cosine_accept(
+            a, b, w_down, b_down, w_up, b_up, threshold, mode)
+    return reference.adapter_cosine_accept(a, b, w_down, b_down, w_up, b_up, threshold, mode)
+
+
+# ----------------------------------------------------------------------------------------------- tree ops
+
+
+def _tree_limit(n: int) -> str | None:
+    return f"{n} tree nodes > {MAX_TREE_NODES}" if n > MAX_TREE_NODES else None
+
+
+def _row_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def build_tree(parents, prefix_len=0) -> TreeMasks:
+    """Tree attention data for parents[B, N] on top of prefix_len[B] (or an int) cached tokens.
+
+    parents[b, 0] == -1 (root) and parents[b, i] < i. See TreeMasks for the fields.
+    """
+    checks.tree_parents(parents)
+    batch, n = parents.shape
+    prefix_len = checks.prefix_lengths(prefix_len, batch, parents.device)
+    backend = resolve_backend("build_tree", parents.device, has_cpp=True, triton_ok=_tree_limit(n))
+    if backend == "triton":
+        fields = _kernels("build_tree").build_tree(_row_contiguous(parents), prefix_len.contiguous())
+        positions, mask, bitmask, retrieve, depth = fields
+        return TreeMasks(positions=positions, mask=mask, bitmask=bitmask, retrieve=retrieve, depth=depth)
+    if backend == "cpp":
+        positions, mask, bitmask, retrieve, depth = _ext.cpp_op("build_tree")(parents, prefix_len)
+        return TreeMasks(positions=positions, mask=mask, bitmask=bitmask, retrieve=retrieve, depth=depth)
+    return reference.build_tree(parents, prefix_len)
+
+
+def _fit_width(accept_nodes: torch.Tensor, parents: torch.Tensor, max_depth: int | None) -> torch.Tensor:
+    """Give accept_nodes the contract's width max_depth + 1 (padding with -1 for a caller's larger max_depth)."""
+    if max_depth is None:
+        return accept_nodes
+    width = max_depth + 1
+    if accept_nodes.shape[1] >= width:
+        return accept_nodes[:, :width]
+    pad = accept_nodes.new_full((accept_nodes.shape[0], width - accept_nodes.shape[1]), -1)
+    return torch.cat([accept_nodes, pad], dim=1)
+
+
+def _check_max_depth(parents, max_depth):
+    if max_depth is None:
+        return
+    if not isinstance(max_depth, int) or max_depth < 0:
+        raise ValueError(f"max_depth must be a non-negative int, got {max_depth!r}")
+    if checks.value_checks_enabled():
+        depth = int(reference.tree_depths(parents.cpu()).max())
+        if max_depth < depth:
+            raise ValueError(f"max_depth={max_depth} is smaller than the trees' depth {depth}")
+
+
+def verify_tree_greedy(draft_tokens, parents, target_argmax, *, max_depth: int | None = None):
+    """Greedy tree verification: (accept_nodes[B, max_depth + 1] padded -1, accept_len[B], bonus_token[B]).
+
+    draft_tokens[B, N] (node 0 is the root, its token is not tested), parents[B, N], target_argmax[B, N]
+    (the verifier's argmax after each node). Node i > 0 is accepted iff its parent is and draft_tokens[i] ==
+    target_argmax[parent(i)]; the deepest accepted node wins (ties: lowest index); accept_len counts the
+    accepted nodes with the root; bonus_token = target_argmax at the last accepted node. max_depth defaults
+    to the trees' depth; passing it skips a host sync on CUDA.
+    """
+    checks.tree_parents(parents)
+    batch, n = parents.shape
+    checks.token_ids("draft_tokens", draft_tokens, batch, n)
+    checks.token_ids("target_argmax", target_argmax, batch, n)
+    checks.same_device(draft_tokens=draft_tokens, parents=parents, target_argmax=target_argmax)
+    _check_max_depth(parents, max_depth)
+    backend = resolve_backend("verify_tree_greedy", parents.device, has_cpp=True, triton_ok=_tree_limit(n))
+    if backend == "triton":
+        out = _kernels("verify_tree_greedy").verify_tree_greedy(
+            _row_contiguous(draft_tokens), _row_contiguous(parents), _row_contiguous(target_argmax),
+            max_depth=min(max_depth, n - 1) if max_depth is not None else None)
+    elif backend == "cpp":
+        out = _ext.cpp_op("verify_tree_greedy")(draft_tokens, parents, target_argmax)
+    else:
+        out = reference.verify_tree_greedy(draft_tokens, parents, target_argmax)
+    accept_nodes, accept_len, bonus = out
+    return _fit_width(accept_nodes, parents, max_depth), accept_len, bonus
+
+
+def verify_tree_sampling(draft_tokens, parents, target_probs, uniform=None, *, generator=None,
+                         max_depth: int | None = None):
+    """Lossless speculative sampling over a tree of deterministic (e.g. top-k) drafts.
+
+    target_probs[B, N, V]: the verifier's next-token distribution after each node (tempered / truncated as
+    wanted; need not sum to 1). uniform[B, N] in [0, 1): node i's acceptance test uses uniform[b, i], the
+    bonus draw uses uniform[b, 0]; drawn with `generator` when None. From the root, children are tried in
+    index order: child token x is accepted with probability w[x] / sum(w), where w is target_probs at the
+    current node with the tokens already rejected there zeroed; on rejection w[x] = 0. The bonus token is
+    drawn from the final w. The emitted tokens are distributed exactly as the verifier's own samples.
+    Returns (accept_nodes[B, max_depth + 1] padded -1, accept_len[B], bonus_token[B]).
+    """
+    checks.tree_parents(parents)
+    batch, n = parents.shape
+    checks.probabilities("target_probs", target_probs, batch, n)
+    checks.token_ids("draft_tokens", draft_tokens, batch, n, vocab=target_probs.shape[-1])
+    if uniform is None:
+        uniform = torch.rand(batch, n, generator=generator, device=parents.device)
+    checks.tensor("uniform", uniform, ndim=2, dtypes=checks.FLOAT_DTYPES)
+    checks.shape("uniform", uniform, (batch, n), "one uniform draw per tree node")
+    checks.same_device(draft_tokens=draft_tokens, parents=parents, target_probs=target_probs, uniform=uniform)
+    if checks.value_checks_enabled() and bool(((uniform < 0) | (uniform >= 1)).any()):
+        raise ValueError("uniform must hold values in [0, 1)")
+    _check_max_depth(parents, max_depth)
+    backend = resolve_backend("verify_tree_sampling", parents.device, has_cpp=True, triton_ok=_tree_limit(n))
+    if backend == "triton":
+        out = _kernels("verify_tree_sampling").verify_tree_sampling(
+            _row_contiguous(draft_tokens), _row_contiguous(parents), target_probs, _row_contiguous(uniform),
+            max_depth=min(max_depth, n - 1) if max_depth is not None else None)
+    elif backend == "cpp":
+        out = _ext.cpp_op("verify_tree_sampling")(draft_tokens, parents, target_probs, uniform)
+    else:
+        out = reference.verify_tree_sampling(draft_tokens, parents, target_probs, uniform)
+    accept_nodes, accept_len, bonus = out
+    return _fit_width(accept_nodes, parents, max_depth), accept_len, bonus
+
+
+# ------------------------------------------------------------------------------------------------ kv cache
+
+
+def _cache_list(caches) -> list[torch.Tensor]:
+    if isinstance(caches, torch.Tensor):
+        return [caches]
+    if not isinstance(caches, (list, tuple)) or not caches:
+        raise ValueError("caches must be a tensor [..., B, H, S, Dh] or a non-empty sequence of them")
+    flat = []
+    for item in caches:  # accept [(k, v), ...] as transformers' legacy caches are laid out
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
+def _stacked_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One [C, B, H, S, Dh] view over all cache tensors: a single tensor's leading dims flattened, or
+    per-layer [B, H, S, Dh] tensors that are equally spaced views of one buffer (a preallocated cache)."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        try:
+            return first.view(-1, *first.shape[-4:])
+        except RuntimeError:
+            return None
+    if first.dim() != 4:
+        return None
+    gap = tensors[1].data_ptr() - first.data_ptr()
+    if gap <= 0 or gap % first.element_size():
+        return None
+    storage = first.untyped_storage().data_ptr()
+    for i, t in enumerate(tensors):
+        if (t.untyped_storage().data_ptr() != storage or t.stride() != first.stride()
+                or t.data_ptr() - first.data_ptr() != i * gap):
+            return None
+    return torch.as_strided(first, (len(tensors), *first.shape), (gap // first.element_size(), *first.stride()),
+                            first.storage_offset())
+
+
+def kv_compact(caches, accept_nodes, prefix_len):
+    """Move the accepted tree slots of every cache tensor to [prefix_len, prefix_len + accept_len), in place.
+
+    caches: a tensor [..., B, H, S, Dh] (leading dims: layers, K/V) or a sequence of such tensors (or of
+    (k, v) pairs). Tree node i sits at slot prefix_len + i; accept_nodes[B, M] (root first, -1 padding, as
+    verify_tree_* return it) names the nodes to keep. Returns new_len[B] = prefix_len + accept_len.
+    One launch on CUDA when the caches are one tensor or equally spaced views of one buffer (the
+    preallocated layout); otherwise one launch per tensor.
+    """
+    tensors = _cache_list(caches)
+    for i, t in enumerate(tensors):
+        checks.tensor(f"caches[{i}]", t, min_ndim=4)
+        if t.shape != tensors[0].shape or t.dtype != tensors[0].dtype or t.device != tensors[0].device:
+            raise ValueError(f"caches[{i}] has shape {tuple(t.shape)} / {t.dtype} / {t.device}, expected the "
+                             f"shape, dtype and device of caches[0] {tuple(tensors[0].shape)} / "
+                             f"{tensors[0].dtype} / {tensors[0].device}")
+    batch, _, slots, _ = tensors[0].shape[-4:]
+    device = tensors[0].device
+    checks.accept_path(accept_nodes, batch)
+    checks.same_device(caches=tensors[0], accept_nodes=accept_nodes)
+    prefix_len = checks.prefix_lengths(prefix_len, batch, device)
+    if checks.value_checks_enabled() and accept_nodes.numel():
+        furthest = int((prefix_len + accept_nodes.max(-1).values).max())
+        if furthest >= slots:
+            raise ValueError(f"accept_nodes reach cache slot {furthest}, but the caches hold {slots} slots")
+    backend = resolve_backend("kv_compact", device, has_cpp=True)
+    if backend == "triton":
+        kernel = _kernels("kv_compact").kv_compact
+        accept_nodes, prefix_len = _row_contiguous(accept_nodes), prefix_len.contiguous()
+        stacked = _stacked_view(tensors)
+        if stacked is not None:
+            return kernel(stacked, accept_nodes, prefix_len)
+        for tensor in tensors:
+            view = tensor.reshape(-1, *tensor.shape[-4:])
+            new_len = kernel(view, accept_nodes, prefix_len)
+            if view.data_ptr() != tensor.data_ptr():  # reshape had to copy a non-viewable layout
+                tensor.copy_(view.view(tensor.shape))
+        return new_len
+    if backend == "cpp":
+        src, dst, new_len = _ext.cpp_op("kv_compact_indices")(accept_nodes, prefix_len)
+        _move_slots(tensors, src, dst, prefix_len)
+        return new_len
+    return reference.kv_compact(tensors, accept_nodes, prefix_len)
+
+
+def _move_slots(tensors: Sequence[torch.Tensor], src, dst, prefix_len):
+    """cache[..., b, :, dst[b, k], :] = cache[..., b, :, src[b, k], :] for all b, k at once (gather first)."""
+    keep = src >= 0
+    root = prefix_len.view(-1, 1).expand_as(src)
+    src, dst = torch.where(keep, src, root), torch.where(keep, dst, root)  # padding: root onto itself
+    rows = torch.arange(src.shape[0], device=src.device).view(-1, 1)
+    for cache in tensors:
+        cache[..., rows, :, dst, :] = cache[..., rows, :, src, :]

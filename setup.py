@@ -1,0 +1,60 @@
+"""Build the optional C++ CPU ops (csrc/) as sdalign_rt._C.
+
+The extension never blocks an install: without torch in the build environment, without a
+compiler, or with SDALIGN_RT_NO_EXT=1, the package installs without it and sdalign_rt.ops
+falls back to the reference implementation on CPU tensors.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+PACKAGES = ["sdalign_rt", "sdalign_rt.kernels"]
+# kernels/ is a top-level folder (the layout shows the architecture) installed as sdalign_rt.kernels
+# so that the import name cannot clash with other distributions.
+PACKAGE_DIR = {"sdalign_rt": "sdalign_rt", "sdalign_rt.kernels": "kernels"}
+
+
+def _extension_setup():
+    if os.environ.get("SDALIGN_RT_NO_EXT") == "1":
+        print("sdalign_rt: SDALIGN_RT_NO_EXT=1, skipping the C++ extension", file=sys.stderr)
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as exc:  # torch absent from an isolated build environment
+        print(f"sdalign_rt: torch not importable at build time ({exc}); skipping the C++ extension",
+              file=sys.stderr)
+        return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:
+                print(f"sdalign_rt: C++ extension failed to build ({exc}); using reference ops",
+                      file=sys.stderr)
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                print(f"sdalign_rt: C++ extension failed to build ({exc}); using reference ops",
+                      file=sys.stderr)
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    ext = CppExtension(
+        "sdalign_rt._C",
+        sources,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+        py_limited_api=False,
+    )
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extension_setup()
+if not ext_modules:
+    cmdclass = {"build_ext": build_ext}
+
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
