@@ -17,9 +17,10 @@ def accept_epilogue(dot, sq_a, sq_b, ts, t_mask, threshold, sims_ptr, accept_ptr
     """Store sims/accept for one tile of positions; return the updated (first rejected position, count)."""
     norm_a = tl.sqrt(sq_a)
     norm_b = tl.sqrt(sq_b)
-    nonzero = (norm_a > 0) & (norm_b > 0)
+    nonzero = (norm_a != 0) & (norm_b != 0)  # nan norms stay "nonzero": nan sims are never accepted
     sims = tl.where(nonzero, dot / tl.where(nonzero, norm_a, 1.0) / tl.where(nonzero, norm_b, 1.0), 0.0)
-    sims = tl.minimum(tl.maximum(sims, -1.0), 1.0)
+    sims = tl.minimum(tl.maximum(sims, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                      propagate_nan=tl.PropagateNan.ALL)
     accept = sims >= threshold
     tl.store(sims_ptr + ts, sims, mask=t_mask)
     tl.store(accept_ptr + ts, accept.to(tl.int8), mask=t_mask)

@@ -42,12 +42,15 @@ def fused_adapter(x, w_down, b_down, w_up, b_up):
 
 
 def cosine_similarity_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row cosine in fp32: dot / |a| / |b|, 0 where either row has zero norm, clamped to [-1, 1]."""
+    """Row cosine in fp32: dot / |a| / |b|, 0 where either row has zero norm, clamped to [-1, 1].
+
+    Non-finite rows give nan (never accepted), not 0: zero norm is tested with ==, which nan fails.
+    """
     af, bf = a.float(), b.float()
     dot = (af * bf).sum(-1)
     norm_a = (af * af).sum(-1).sqrt()
     norm_b = (bf * bf).sum(-1).sqrt()
-    nonzero = (norm_a > 0) & (norm_b > 0)
+    nonzero = (norm_a != 0) & (norm_b != 0)
     sims = torch.where(nonzero, dot / torch.where(nonzero, norm_a, 1.0) / torch.where(nonzero, norm_b, 1.0), 0.0)
     return sims.clamp(-1.0, 1.0)
 
