@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -216,6 +217,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_compact_indices(const at::Tens
   return {src, dst, new_len};
 }
 
+// In-place move on a [C, B, H, S, Dh] cache whose last dim is contiguous: for each (c, b, h) row sequence,
+// slot prefix + node_k -> slot prefix + k in increasing k. node_k >= k, so no move reads a slot that an
+// earlier move of the same sequence overwrote.
+at::Tensor kv_compact_(at::Tensor cache, const at::Tensor& accept_in, const at::Tensor& prefix_in) {
+  TORCH_CHECK(cache.dim() == 5 && cache.stride(4) == 1, "kv_compact_: cache must be [C, B, H, S, Dh] with contiguous Dh");
+  auto [src, dst, new_len] = kv_compact_indices(accept_in, prefix_in);
+  const int64_t caches = cache.size(0), batch = cache.size(1), heads = cache.size(2), width = src.size(1);
+  const int64_t row_bytes = cache.size(4) * cache.element_size();
+  const int64_t item = cache.element_size();
+  const int64_t sc = cache.stride(0) * item, sb = cache.stride(1) * item, sh = cache.stride(2) * item,
+                ss = cache.stride(3) * item;
+  char* base = static_cast<char*>(cache.data_ptr());
+  const int64_t *s = src.data_ptr<int64_t>(), *d = dst.data_ptr<int64_t>();
+  at::parallel_for(0, caches * batch * heads, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t h = i % heads, b = (i / heads) % batch, c = i / (heads * batch);
+      char* seq = base + c * sc + b * sb + h * sh;
+      for (int64_t k = 0; k < width; ++k) {
+        const int64_t from = s[b * width + k], to = d[b * width + k];
+        if (from >= 0 && from != to) std::memmove(seq + to * ss, seq + from * ss, row_bytes);
+      }
+    }
+  });
+  return new_len;
+}
+
 TORCH_LIBRARY(sdalign_rt, m) {
   m.def("build_tree(Tensor parents, Tensor prefix_len) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("verify_tree_greedy(Tensor draft_tokens, Tensor parents, Tensor target_argmax) -> (Tensor, Tensor, Tensor)");
@@ -223,6 +250,7 @@ TORCH_LIBRARY(sdalign_rt, m) {
       "verify_tree_sampling(Tensor draft_tokens, Tensor parents, Tensor target_probs, Tensor uniform)"
       " -> (Tensor, Tensor, Tensor)");
   m.def("kv_compact_indices(Tensor accept_nodes, Tensor prefix_len) -> (Tensor, Tensor, Tensor)");
+  m.def("kv_compact_(Tensor(a!) cache, Tensor accept_nodes, Tensor prefix_len) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sdalign_rt, CPU, m) {
@@ -230,6 +258,7 @@ TORCH_LIBRARY_IMPL(sdalign_rt, CPU, m) {
   m.impl("verify_tree_greedy", &verify_tree_greedy);
   m.impl("verify_tree_sampling", &verify_tree_sampling);
   m.impl("kv_compact_indices", &kv_compact_indices);
+  m.impl("kv_compact_", &kv_compact_);
 }
 
 }  // namespace sdalign_rt

@@ -5,7 +5,7 @@ import importlib
 
 import torch
 
-CPP_OPS = ("build_tree", "verify_tree_greedy", "verify_tree_sampling", "kv_compact_indices")
+CPP_OPS = ("build_tree", "verify_tree_greedy", "verify_tree_sampling", "kv_compact_indices", "kv_compact_")
 
 _loaded: bool | None = None
 load_error: str | None = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from typing import Sequence
 
 import torch
 
@@ -379,17 +378,28 @@ def kv_compact(caches, accept_nodes, prefix_len):
                 tensor.copy_(view.view(tensor.shape))
         return new_len
     if backend == "cpp":
-        src, dst, new_len = _ext.cpp_op("kv_compact_indices")(accept_nodes, prefix_len)
-        _move_slots(tensors, src, dst, prefix_len)
-        return new_len
+        return _kv_compact_cpp(tensors, accept_nodes, prefix_len)
     return reference.kv_compact(tensors, accept_nodes, prefix_len)
 
 
-def _move_slots(tensors: Sequence[torch.Tensor], src, dst, prefix_len):
-    """cache[..., b, :, dst[b, k], :] = cache[..., b, :, src[b, k], :] for all b, k at once (gather first)."""
-    keep = src >= 0
-    root = prefix_len.view(-1, 1).expand_as(src)
-    src, dst = torch.where(keep, src, root), torch.where(keep, dst, root)  # padding: root onto itself
-    rows = torch.arange(src.shape[0], device=src.device).view(-1, 1)
-    for cache in tensors:
-        cache[..., rows, :, dst, :] = cache[..., rows, :, src, :]
+def _kv_compact_cpp(tensors: list[torch.Tensor], accept_nodes, prefix_len) -> torch.Tensor:
+    """C++ moves on [C, B, H, S, Dh] views with contiguous rows; other layouts move with ATen index ops."""
+    stacked = _stacked_view(tensors)
+    views = [stacked] if stacked is not None else [t.reshape(-1, *t.shape[-4:]) for t in tensors]
+    for view, tensor in zip(views, [None] * len(views) if stacked is not None else tensors):
+        if view.stride(-1) == 1:
+            new_len = _ext.cpp_op("kv_compact_")(view, accept_nodes, prefix_len)
+        else:
+            src, dst, new_len = _ext.cpp_op("kv_compact_indices")(accept_nodes, prefix_len)
+            _move_slots(view, src, dst)
+        if tensor is not None and view.data_ptr() != tensor.data_ptr():  # reshape had to copy
+            tensor.copy_(view.view(tensor.shape))
+    return new_len
+
+
+def _move_slots(cache: torch.Tensor, src, dst):
+    """cache[:, b, :, dst[b]] = cache[:, b, :, src[b]] row by row (gather before scatter: ranges overlap)."""
+    for b in range(src.shape[0]):
+        keep = src[b] >= 0
+        rows = cache[:, b].index_select(-2, src[b][keep])
+        cache[:, b].index_copy_(-2, dst[b][keep], rows)

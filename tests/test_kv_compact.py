@@ -116,3 +116,16 @@ def test_bad_input(call, message):
     cache = make_cache(1, 1, 1, 8, 4, torch.float32, 0)
     with pytest.raises(ValueError, match=message):
         call(cache, torch.tensor([[0, 2]]))
+
+
+def test_strided_head_dim(backend, device):
+    """A cache whose head_dim is not contiguous (every other element of a wider buffer)."""
+    accept_nodes = torch.tensor([[0, 2, 3], [0, 1, -1]])
+    base = make_cache(2, 2, 2, 9, 4, torch.float32, 5)
+    wide = torch.zeros(*base.shape[:-1], 8)
+    wide[..., ::2] = base
+    cache = wide.to(device)[..., ::2]
+    expected = base.clone()
+    reference.kv_compact([expected], accept_nodes, torch.tensor([1, 4]))
+    new_len = sd.ops.kv_compact(cache, accept_nodes.to(device), torch.tensor([1, 4], device=device))
+    assert torch.equal(cache.cpu(), expected) and new_len.tolist() == [4, 6]
