@@ -42,7 +42,7 @@ def plot_rows(data: dict, path: str) -> None:
         ax.legend(fontsize=7, loc="upper left")
     meta = data["meta"]
     fig.suptitle(f"sdalign_rt kernels on {meta['device']} (median, p10-p90; torch {meta['torch']})", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -1,0 +1,30 @@
+"""The README's quick start is what CI runs, and the CLI answers."""
+import json
+import os
+import re
+
+from sdalign_rt import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def quick_start_commands() -> list[str]:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = re.search(r"## Quick start.*?```(?:bash)?\n(.*?)```", text, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_second():
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci_lines = [line for line in f.read().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci_lines == [commands[1]]
+    assert "torch==2.13.0" in commands[0] and "torch==2.13.0" in commands[1]
+
+
+def test_info_command(capsys):
+    assert cli.main(["info"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "reference" in report["backends"]["cpu"]
