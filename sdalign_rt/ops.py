@@ -306,12 +306,20 @@ def verify_tree_sampling(draft_tokens, parents, target_probs, uniform=None, *, g
 
 
 def _cache_list(caches) -> list[torch.Tensor]:
+    """Every K/V tensor of `caches`: a tensor, a sequence of tensors or (k, v) pairs, or a transformers cache
+    (duck-typed: `.layers[i].keys / .values` as in transformers 5, or `.key_cache / .value_cache` lists)."""
     if isinstance(caches, torch.Tensor):
         return [caches]
+    layers = getattr(caches, "layers", None)
+    if layers is not None and all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        caches = [(layer.keys, layer.values) for layer in layers]
+    elif hasattr(caches, "key_cache") and hasattr(caches, "value_cache"):
+        caches = list(zip(caches.key_cache, caches.value_cache))
     if not isinstance(caches, (list, tuple)) or not caches:
-        raise ValueError("caches must be a tensor [..., B, H, S, Dh] or a non-empty sequence of them")
+        raise ValueError("caches must be a tensor [..., B, H, S, Dh], a non-empty sequence of them (or of (k, v) "
+                         f"pairs), or a transformers cache; got {type(caches).__name__}")
     flat = []
-    for item in caches:  # accept [(k, v), ...] as transformers' legacy caches are laid out
+    for item in caches:
         flat.extend(item if isinstance(item, (list, tuple)) else [item])
     return flat
 
@@ -342,8 +350,8 @@ def _stacked_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 def kv_compact(caches, accept_nodes, prefix_len):
     """Move the accepted tree slots of every cache tensor to [prefix_len, prefix_len + accept_len), in place.
 
-    caches: a tensor [..., B, H, S, Dh] (leading dims: layers, K/V) or a sequence of such tensors (or of
-    (k, v) pairs). Tree node i sits at slot prefix_len + i; accept_nodes[B, M] (root first, -1 padding, as
+    caches: a tensor [..., B, H, S, Dh] (leading dims: layers, K/V), a sequence of such tensors (or of
+    (k, v) pairs), or a transformers cache object (crop it to new_len afterwards). Tree node i sits at slot prefix_len + i; accept_nodes[B, M] (root first, -1 padding, as
     verify_tree_* return it) names the nodes to keep. Returns new_len[B] = prefix_len + accept_len.
     One launch on CUDA when the caches are one tensor or equally spaced views of one buffer (the
     preallocated layout); otherwise one launch per tensor.

@@ -129,3 +129,35 @@ def test_strided_head_dim(backend, device):
     reference.kv_compact([expected], accept_nodes, torch.tensor([1, 4]))
     new_len = sd.ops.kv_compact(cache, accept_nodes.to(device), torch.tensor([1, 4], device=device))
     assert torch.equal(cache.cpu(), expected) and new_len.tolist() == [4, 6]
+
+
+class _Layer:
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+
+class _LayeredCache:  # the shape of transformers 5's DynamicCache: .layers[i].keys / .values
+    def __init__(self, tensors):
+        self.layers = [_Layer(tensors[2 * i], tensors[2 * i + 1]) for i in range(len(tensors) // 2)]
+
+
+class _LegacyCache:  # transformers 4.x: .key_cache / .value_cache lists
+    def __init__(self, tensors):
+        self.key_cache, self.value_cache = tensors[0::2], tensors[1::2]
+
+
+@pytest.mark.parametrize("cache_type", [_LayeredCache, _LegacyCache])
+def test_transformers_cache_objects(backend, device, cache_type):
+    accept_nodes = torch.tensor([[0, 1, 3], [0, 2, -1]])
+    original = make_cache(3, 2, 2, 7, 8, torch.float32, 9)
+    expected = original.clone()
+    reference.kv_compact([expected], accept_nodes, torch.tensor([2, 0]))
+    tensors = [original[l, kv].clone().to(device) for l in range(3) for kv in range(2)]
+    new_len = sd.ops.kv_compact(cache_type(tensors), accept_nodes.to(device), torch.tensor([2, 0], device=device))
+    assert torch.equal(torch.stack(tensors).cpu().view(original.shape), expected)
+    assert new_len.tolist() == [5, 2]
+
+
+def test_unknown_cache_object_is_rejected():
+    with pytest.raises(ValueError, match="or a transformers cache; got object"):
+        sd.ops.kv_compact(object(), torch.tensor([[0]]), 0)
