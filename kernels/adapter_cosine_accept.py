@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, upcast_dot_operands
-from .cosine_accept import accept_epilogue, accept_outputs
+from .cosine_accept import accept_epilogue, accept_outputs, accumulate_cosine_sums
 from .fused_adapter import adapter_blocks, adapter_output_chunk, bottleneck_activation
 
 
@@ -50,9 +50,7 @@ def _adapter_cosine_accept_kernel(
             tl.store(y_row + ts[:, None] * D + ns[None, :], y, mask=m)
             y = tl.where(m, y.to(tl.float32), 0.0)
             b = tl.load(b_row + ts[:, None] * stride_bt + ns[None, :] * stride_bd, mask=m, other=0.0).to(tl.float32)
-            dot += tl.sum(y * b, axis=1)
-            sq_a += tl.sum(y * y, axis=1)
-            sq_b += tl.sum(b * b, axis=1)
+            dot, sq_a, sq_b = accumulate_cosine_sums(y, b, dot, sq_a, sq_b)
         run_end, count = accept_epilogue(dot, sq_a, sq_b, ts, t_mask, threshold, sims_ptr + batch * T,
                                          accept_ptr + batch * T, run_end, count, T, CONSECUTIVE)
     tl.store(n_accept_ptr + batch, run_end if CONSECUTIVE else count)

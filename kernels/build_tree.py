@@ -2,15 +2,14 @@
 
 One program per tree. The ancestor-or-self matrix is the transitive closure of (I + parent adjacency);
 instead of chasing parent pointers (one dependent memory load per level), it is built in registers by
-log2(NP) boolean squarings with tl.dot on 0/1 fp16 tiles (exact: counts stay far below 2048).
+log2(NP) boolean squarings with tl.dot on 0/1 fp16 tiles (exact: counts stay far below 2048). The NP x NP
+fp32 accumulator bounds trees to 128 nodes (sdalign_rt.ops serves larger ones from another backend).
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import tree_block
-
-MAX_NODES = 128  # an NP x NP fp32 dot accumulator per program; larger trees use the CPU/reference path
 
 
 @triton.jit

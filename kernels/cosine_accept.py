@@ -12,6 +12,12 @@ from ._common import next_pow2
 
 
 @triton.jit
+def accumulate_cosine_sums(a, b, dot, sq_a, sq_b):
+    """Add one [rows, D-chunk] tile's contribution to the per-row a.b, a.a and b.b sums (fp32)."""
+    return dot + tl.sum(a * b, axis=1), sq_a + tl.sum(a * a, axis=1), sq_b + tl.sum(b * b, axis=1)
+
+
+@triton.jit
 def accept_epilogue(dot, sq_a, sq_b, ts, t_mask, threshold, sims_ptr, accept_ptr, run_end, count, T,
                     CONSECUTIVE: tl.constexpr):
     """Store sims/accept for one tile of positions; return the updated (first rejected position, count)."""
@@ -54,9 +60,7 @@ def _cosine_accept_kernel(
             m = t_mask[:, None] & (ds < D)[None, :]
             a = tl.load(a_row + ts[:, None] * stride_at + ds[None, :] * stride_ad, mask=m, other=0.0).to(tl.float32)
             b = tl.load(b_row + ts[:, None] * stride_bt + ds[None, :] * stride_bd, mask=m, other=0.0).to(tl.float32)
-            dot += tl.sum(a * b, axis=1)
-            sq_a += tl.sum(a * a, axis=1)
-            sq_b += tl.sum(b * b, axis=1)
+            dot, sq_a, sq_b = accumulate_cosine_sums(a, b, dot, sq_a, sq_b)
         run_end, count = accept_epilogue(dot, sq_a, sq_b, ts, t_mask, threshold, sims_ptr + batch * T,
                                          accept_ptr + batch * T, run_end, count, T, CONSECUTIVE)
     tl.store(n_accept_ptr + batch, run_end if CONSECUTIVE else count)

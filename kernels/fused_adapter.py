@@ -2,16 +2,14 @@
 
 Each program owns BLOCK_M rows. Phase 1 streams x and w_down over D and keeps the [BLOCK_M, R] bottleneck
 activation in registers (R <= 512); phase 2 streams w_up over D in BLOCK_N chunks and writes y once, with
-the residual and bias added in fp32. The bottleneck never touches memory.
+the residual and bias added in fp32. The bottleneck never touches memory. Register budget: R <= 512 and
+D <= 8192 (sdalign_rt.ops enforces both before launching).
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import dot_precision, next_pow2, upcast_dot_operands
-
-MAX_HIDDEN = 8192
-MAX_BOTTLENECK = 512
 
 
 @triton.jit

@@ -9,6 +9,7 @@ SDALIGN_RT_BACKEND=auto|triton|cpp|reference picks one for every op; `use_backen
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 
@@ -64,6 +65,7 @@ def _interpreting() -> bool:
 _triton_error: str | None = None
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     global _triton_error
     try:
@@ -115,9 +117,6 @@ def resolve_backend(op: str, device: torch.device, *, has_cpp: bool, triton_ok: 
                                f"({_ext.load_error}); reinstall with a compiler and without SDALIGN_RT_NO_EXT=1")
         return "cpp" if has_cpp else "reference"
     return "reference"
-
-
-# ---------------------------------------------------------------------------------------------- dense ops
 
 
 def _adapter_limits(hidden: int, bottleneck: int) -> str | None:
@@ -185,9 +184,6 @@ def adapter_cosine_accept(a, b, w_down, b_down, w_up, b_up, threshold: float = 0
     return reference.adapter_cosine_accept(a, b, w_down, b_down, w_up, b_up, threshold, mode)
 
 
-# ----------------------------------------------------------------------------------------------- tree ops
-
-
 def _tree_limit(n: int) -> str | None:
     return f"{n} tree nodes > {MAX_TREE_NODES}" if n > MAX_TREE_NODES else None
 
@@ -215,7 +211,7 @@ def build_tree(parents, prefix_len=0) -> TreeMasks:
     return reference.build_tree(parents, prefix_len)
 
 
-def _fit_width(accept_nodes: torch.Tensor, parents: torch.Tensor, max_depth: int | None) -> torch.Tensor:
+def _fit_width(accept_nodes: torch.Tensor, max_depth: int | None) -> torch.Tensor:
     """Give accept_nodes the contract's width max_depth + 1 (padding with -1 for a caller's larger max_depth)."""
     if max_depth is None:
         return accept_nodes
@@ -262,7 +258,7 @@ def verify_tree_greedy(draft_tokens, parents, target_argmax, *, max_depth: int |
     else:
         out = reference.verify_tree_greedy(draft_tokens, parents, target_argmax)
     accept_nodes, accept_len, bonus = out
-    return _fit_width(accept_nodes, parents, max_depth), accept_len, bonus
+    return _fit_width(accept_nodes, max_depth), accept_len, bonus
 
 
 def verify_tree_sampling(draft_tokens, parents, target_probs, uniform=None, *, generator=None,
@@ -299,10 +295,7 @@ def verify_tree_sampling(draft_tokens, parents, target_probs, uniform=None, *, g
     else:
         out = reference.verify_tree_sampling(draft_tokens, parents, target_probs, uniform)
     accept_nodes, accept_len, bonus = out
-    return _fit_width(accept_nodes, parents, max_depth), accept_len, bonus
-
-
-# ------------------------------------------------------------------------------------------------ kv cache
+    return _fit_width(accept_nodes, max_depth), accept_len, bonus
 
 
 def _cache_list(caches) -> list[torch.Tensor]:
