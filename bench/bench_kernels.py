@@ -35,7 +35,9 @@ HIDDEN, BOTTLENECK, VOCAB = 4096, 256, 32000
 LAYERS, HEADS, HEAD_DIM = 32, 32, 128
 DENSE_OPS = ("fused_adapter", "cosine_accept", "adapter_cosine_accept")
 TREE_OPS = ("build_tree", "verify_tree_greedy", "verify_tree_sampling", "kv_compact")
-GRAPHABLE = {"fused_adapter", "cosine_accept", "adapter_cosine_accept", "verify_tree_greedy", "kv_compact"}
+# Ops whose call has no host sync when given their planned shapes (build_tree: num_leaves / max_depth).
+GRAPHABLE = {"fused_adapter", "cosine_accept", "adapter_cosine_accept", "build_tree", "verify_tree_greedy",
+             "kv_compact"}
 
 
 def bushy_parents(n: int) -> list[int]:
@@ -78,7 +80,8 @@ def tree_case(op, batch, nodes, dtype, device):
                 draft[b, i] = argmax[b, row[i]]
     draft, argmax = draft.to(device), argmax.to(device)
     if op == "build_tree":
-        return (parents, torch.full((batch,), 128, device=device)), {}
+        num_leaves = max(sum(1 for i in range(nodes) if i not in set(row[1:])) for row in rows)
+        return (parents, torch.full((batch,), 128, device=device)), {"num_leaves": num_leaves, "max_depth": max_depth}
     if op == "verify_tree_greedy":
         return (draft, parents, argmax), {"max_depth": max_depth}
     if op == "verify_tree_sampling":
@@ -120,6 +123,7 @@ def make_call(op, provider, args, kwargs):
         fn = REFERENCE_FN[op]
         return lambda: fn(*args)
     if provider == "compile":
+        torch._dynamo.reset()  # each case compiles afresh: no recompile-limit fallback to eager
         fn = torch.compile(REFERENCE_FN[op], dynamic=False)
         return lambda: fn(*args)
     public = getattr(sd.ops, op)

@@ -71,10 +71,11 @@ def _build_tree_kernel(
     tl.store(stats_ptr + tree * 2 + 1, tl.max(tl.where(valid, depth, 0), axis=0))
 
 
-def build_tree(parents: torch.Tensor, prefix_len: torch.Tensor):
+def build_tree(parents: torch.Tensor, prefix_len: torch.Tensor, num_leaves=None, max_depth=None):
     """Launch on validated input. Returns (positions, mask, bitmask, retrieve, depth).
 
-    retrieve's width depends on the data (leaf count, depth): reading those two numbers is the one host sync.
+    retrieve's shape depends on the data (leaf count, depth): unless the caller knows both, reading them is
+    the one host sync.
     """
     batch, n = parents.shape
     device = parents.device
@@ -91,5 +92,6 @@ def build_tree(parents: torch.Tensor, prefix_len: torch.Tensor):
         n, words, parents.stride(0),
         NP=np_, LOG2_NP=np_.bit_length() - 1, num_warps=4 if np_ <= 64 else 8,
     )
-    n_leaves, max_depth = (int(v) for v in stats.max(0).values.tolist())
-    return positions, mask, bitmask, retrieve[:, :n_leaves, : max_depth + 1], depth
+    if num_leaves is None:
+        num_leaves, max_depth = (int(v) for v in stats.max(0).values.tolist())
+    return positions, mask, bitmask, retrieve[:, :num_leaves, : max_depth + 1], depth

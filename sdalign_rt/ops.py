@@ -192,23 +192,42 @@ def _row_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def build_tree(parents, prefix_len=0) -> TreeMasks:
+def build_tree(parents, prefix_len=0, *, num_leaves: int | None = None, max_depth: int | None = None) -> TreeMasks:
     """Tree attention data for parents[B, N] on top of prefix_len[B] (or an int) cached tokens.
 
-    parents[b, 0] == -1 (root) and parents[b, i] < i. See TreeMasks for the fields.
+    parents[b, 0] == -1 (root) and parents[b, i] < i. See TreeMasks for the fields. retrieve's width depends
+    on the trees; a caller that planned them (a static tree spec) passes num_leaves (the largest leaf count)
+    and max_depth, which skips the host sync that reads them on CUDA and makes the call graph-capturable.
     """
     checks.tree_parents(parents)
     batch, n = parents.shape
     prefix_len = checks.prefix_lengths(prefix_len, batch, parents.device)
+    _check_tree_hints(parents, num_leaves, max_depth)
     backend = resolve_backend("build_tree", parents.device, has_cpp=True, triton_ok=_tree_limit(n))
     if backend == "triton":
-        fields = _kernels("build_tree").build_tree(_row_contiguous(parents), prefix_len.contiguous())
-        positions, mask, bitmask, retrieve, depth = fields
-        return TreeMasks(positions=positions, mask=mask, bitmask=bitmask, retrieve=retrieve, depth=depth)
-    if backend == "cpp":
-        positions, mask, bitmask, retrieve, depth = _ext.cpp_op("build_tree")(parents, prefix_len)
-        return TreeMasks(positions=positions, mask=mask, bitmask=bitmask, retrieve=retrieve, depth=depth)
-    return reference.build_tree(parents, prefix_len)
+        fields = _kernels("build_tree").build_tree(_row_contiguous(parents), prefix_len.contiguous(),
+                                                   num_leaves=num_leaves, max_depth=max_depth)
+    elif backend == "cpp":
+        fields = _ext.cpp_op("build_tree")(parents, prefix_len)
+    else:
+        fields = reference.build_tree(parents, prefix_len)
+    return TreeMasks(*fields)
+
+
+def _check_tree_hints(parents, num_leaves, max_depth):
+    """The hints must be exact: retrieve's shape is [B, num_leaves, max_depth + 1]."""
+    for name, value in (("num_leaves", num_leaves), ("max_depth", max_depth)):
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if (num_leaves is None) != (max_depth is None):
+        raise ValueError("pass num_leaves and max_depth together (or neither)")
+    if num_leaves is not None and checks.value_checks_enabled():
+        rows = parents.long().cpu()
+        depth = int(reference.tree_depths(rows).max())
+        leaves = max(int(sum(1 for i in range(rows.shape[1]) if i not in set(r[1:].tolist()))) for r in rows)
+        if (num_leaves, max_depth) != (leaves, depth):
+            raise ValueError(f"num_leaves={num_leaves}, max_depth={max_depth} do not describe these trees "
+                             f"(they have {leaves} leaves at most and depth {depth})")
 
 
 def _fit_width(accept_nodes: torch.Tensor, max_depth: int | None) -> torch.Tensor:

@@ -110,3 +110,14 @@ def test_not_a_tree(backend, parents, message):
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_shape_hints_skip_nothing_but_the_sync(backend, device):
+    """Passing the planned leaf count and depth gives the same TreeMasks; wrong hints are refused."""
+    parents = torch.tensor([[-1, 0, 0, 1, 1, 2], [-1, 0, 1, 2, 3, 4]], device=device)
+    planned = sd.ops.build_tree(parents, 2, num_leaves=3, max_depth=5)
+    assert_same(planned, sd.ops.build_tree(parents, 2))
+    with pytest.raises(ValueError, match="do not describe these trees"):
+        sd.ops.build_tree(parents, 2, num_leaves=3, max_depth=4)
+    with pytest.raises(ValueError, match="together"):
+        sd.ops.build_tree(parents, 2, num_leaves=3)
