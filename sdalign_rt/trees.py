@@ -1,0 +1,144 @@
+"""Draft-tree specifications: the shape of the tree a drafting step proposes.
+
+A tree is described by parents[N] (node 0 is the root: the last committed token; parents precede children)
+and, per node, the rank of its token among its parent's top-k draft tokens. Static shapes (chains, Medusa /
+EAGLE-1 choice lists) are planned once and reused every step; dynamic trees (EAGLE-2) are expanded top_k
+per node for `depth` levels and the best `total_tokens` nodes by cumulative draft log-probability are kept
+(`select_dynamic_tree`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from sdalign_rt import checks
+
+TREE_KINDS = ("chain", "static", "dynamic")
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    kind: str
+    depth: int
+    top_k: int
+    total_tokens: int  # draft nodes, the root excluded
+    choices: tuple[tuple[int, ...], ...] = ()  # static: each node's path of sibling ranks, in node order
+
+    @classmethod
+    def chain(cls, depth: int) -> "TreeSpec":
+        """depth drafts in a line: one verifier forward checks depth + 1 tokens (drafts and the root)."""
+        _positive("depth", depth)
+        return cls("chain", depth, 1, depth, tuple((0,) * d for d in range(1, depth + 1)))
+
+    @classmethod
+    def static(cls, choices: Iterable[Sequence[int]]) -> "TreeSpec":
+        """A fixed tree from rank paths, as in Medusa / EAGLE-1: (0,) is the drafter's top token after the
+        root, (1,) its second, (0, 2) the third-ranked token after (0,). Every prefix of a path must be listed."""
+        paths = [tuple(int(r) for r in c) for c in choices]
+        if not paths:
+            raise ValueError("static tree choices must not be empty")
+        seen = set()
+        for path in paths:
+            if not path:
+                raise ValueError("static tree choices must not contain the empty path (the root is implicit)")
+            if any(r < 0 for r in path):
+                raise ValueError(f"static tree choice {path} has a negative rank")
+            if path in seen:
+                raise ValueError(f"static tree choice {path} is listed twice")
+            seen.add(path)
+        for path in paths:
+            if len(path) > 1 and path[:-1] not in seen:
+                raise ValueError(f"static tree choice {path} needs its parent {path[:-1]} in the choices")
+        ordered = tuple(sorted(paths, key=lambda p: (len(p), p)))  # parents before children, ranks in order
+        return cls("static", max(map(len, ordered)), max(p[-1] for p in ordered) + 1, len(ordered), ordered)
+
+    @classmethod
+    def dynamic(cls, top_k: int, depth: int, total_tokens: int) -> "TreeSpec":
+        """EAGLE-2: expand the top_k best nodes by top_k children per level for depth levels, keep the
+        total_tokens best nodes by cumulative draft log-probability."""
+        _positive("top_k", top_k)
+        _positive("depth", depth)
+        _positive("total_tokens", total_tokens)
+        # The root gives top_k candidates; each later level expands the top_k best nodes by top_k children.
+        most = top_k + (depth - 1) * top_k * top_k
+        if total_tokens > most:
+            raise ValueError(f"total_tokens={total_tokens} exceeds the {most} candidates that top_k={top_k}, "
+                             f"depth={depth} expand")
+        return cls("dynamic", depth, top_k, total_tokens)
+
+    @property
+    def num_nodes(self) -> int:
+        """Tree nodes the verifier checks per step: the root and the drafts."""
+        return self.total_tokens + 1
+
+    @property
+    def is_static(self) -> bool:
+        return self.kind != "dynamic"
+
+    def parents(self) -> list[int]:
+        """parents[N] of a static tree (root first, -1)."""
+        self._require_static("parents")
+        index = {(): 0}
+        for i, path in enumerate(self.choices, start=1):
+            index[path] = i
+        return [-1] + [index[path[:-1]] for path in self.choices]
+
+    def ranks(self) -> list[int]:
+        """Each node's rank among its parent's draft tokens (the root: -1)."""
+        self._require_static("ranks")
+        return [-1] + [path[-1] for path in self.choices]
+
+    def plan(self, batch: int, device=None) -> torch.Tensor:
+        """parents[B, N] int64 for a static tree, ready for sd.ops.build_tree (built once, reused)."""
+        return torch.tensor(self.parents(), dtype=torch.int64, device=device).expand(batch, -1).contiguous()
+
+    def _require_static(self, what: str):
+        if not self.is_static:
+            raise ValueError(f"a dynamic tree has no fixed {what}: its shape is chosen each step by "
+                             "select_dynamic_tree")
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def select_dynamic_tree(candidate_parents: torch.Tensor, candidate_tokens: torch.Tensor,
+                        candidate_scores: torch.Tensor, total_tokens: int):
+    """Keep the best total_tokens expanded nodes per row (EAGLE-2 reranking) as a tree rooted at node 0.
+
+    candidate_parents[B, C]: each candidate's parent candidate index (-1: a child of the root), parents
+    listed before children (the order expansion produces them). candidate_tokens[B, C]: drafted tokens.
+    candidate_scores[B, C]: cumulative draft log-probabilities, non-increasing from parent to child, so the
+    kept set always contains the parents of what it keeps (ties go to the earlier candidate).
+    Returns (parents[B, total_tokens + 1], tokens[B, total_tokens + 1] with -1 at the root,
+    kept[B, total_tokens]: the candidate index of each kept node, in tree order).
+    """
+    checks.tensor("candidate_parents", candidate_parents, ndim=2, dtypes=checks.INDEX_DTYPES)
+    batch, count = candidate_parents.shape
+    checks.token_ids("candidate_tokens", candidate_tokens, batch, count)
+    checks.tensor("candidate_scores", candidate_scores, ndim=2, dtypes=checks.FLOAT_DTYPES)
+    checks.shape("candidate_scores", candidate_scores, (batch, count), "one score per candidate")
+    if not isinstance(total_tokens, int) or not 1 <= total_tokens <= count:
+        raise ValueError(f"total_tokens must be an int in [1, {count}] (the candidates), got {total_tokens!r}")
+    parents = candidate_parents.long()
+    if checks.value_checks_enabled():
+        index = torch.arange(count, device=parents.device).view(1, -1)
+        if bool(((parents < -1) | (parents >= index)).any()):
+            raise ValueError("candidate_parents must list parents before children (-1 for the root's children)")
+        parent_scores = candidate_scores.gather(1, parents.clamp(min=0))
+        if bool(((parents >= 0) & (candidate_scores > parent_scores)).any()):
+            raise ValueError("candidate_scores must not increase from parent to child (cumulative log-probs)")
+    # Best first, ties to the earlier candidate (stable sort), then back to candidate order so that
+    # parents precede children in the kept tree.
+    best = torch.sort(-candidate_scores.float(), dim=1, stable=True).indices[:, :total_tokens]
+    kept = torch.sort(best, dim=1).values
+    new_index = torch.full((batch, count), -1, dtype=torch.int64, device=parents.device)
+    new_index.scatter_(1, kept, torch.arange(1, total_tokens + 1, device=parents.device).expand(batch, -1))
+    kept_parents = parents.gather(1, kept)
+    tree_parents = torch.where(kept_parents < 0, 0, new_index.gather(1, kept_parents.clamp(min=0)))
+    root = torch.full((batch, 1), -1, dtype=torch.int64, device=parents.device)
+    tokens = torch.cat([root, candidate_tokens.long().gather(1, kept)], dim=1)
+    return torch.cat([root, tree_parents], dim=1), tokens, kept
