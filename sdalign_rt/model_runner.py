@@ -1,0 +1,85 @@
+"""ModelRunner: one HF model, its KV cache, and which cache slots each batch row may attend to.
+
+Rows of a batch diverge: prompts are left-padded, each row accepts a different number of drafts per step.
+Rather than ragged caches, every row shares one physical slot axis and `valid[B, S]` marks the slots that
+hold a committed token of that row; padding and rejected slots stay in the cache, masked out. Positions are
+logical: a row's next position is its count of valid slots, which is what HF generate's left-padding
+position_ids give, so the verifier sees exactly the positions of plain decoding.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from sdalign_rt import ops
+
+
+class ModelRunner:
+    def __init__(self, model, batch: int, device):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache = DynamicCache()
+        # transformers renamed past_key_values to cache (5.2x); older releases only know the first name.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.dtype = next(model.parameters()).dtype
+
+    @property
+    def length(self) -> int:
+        """Physical cache length (slots), the same for every row."""
+        return self.valid.shape[1]
+
+    def next_positions(self) -> torch.Tensor:
+        return self.valid.sum(-1)
+
+    def forward(self, tokens: torch.Tensor, block_mask: torch.Tensor, positions: torch.Tensor,
+                token_valid: torch.Tensor | None = None, past_mask: torch.Tensor | None = None,
+                hidden: bool = False, **model_inputs):
+        """Run tokens[B, K] on top of the cache and append their K/V.
+
+        block_mask[B, K, K]: which block tokens each token sees (itself included). past_mask[B, K, S]: which
+        cached slots it sees (default: the row's valid slots). token_valid[B, K]: slots to mark valid after
+        the call (default: all). Invalid queries still see themselves, so no softmax row is empty.
+        Returns (logits[B, K, V], last hidden state[B, K, D] or None).
+        """
+        batch, k = tokens.shape
+        if past_mask is None:
+            past_mask = self.valid[:, None, :].expand(batch, k, self.length)
+        own = torch.eye(k, dtype=torch.bool, device=tokens.device)
+        visible = torch.cat([past_mask, block_mask | own], dim=-1)
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device)
+        bias.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        out = self.model(input_ids=tokens, attention_mask=bias[:, None], position_ids=positions,
+                         **{self._cache_arg: self.cache}, use_cache=True, output_hidden_states=hidden,
+                         **model_inputs)
+        if token_valid is None:
+            token_valid = torch.ones(batch, k, dtype=torch.bool, device=tokens.device)
+        self.valid = torch.cat([self.valid, token_valid], dim=1)
+        return out.logits, (out.hidden_states[-1] if hidden else None)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False, **model_inputs):
+        """The prompt, left-padded: causal within the block, padding masked out, positions from 0 per row."""
+        k = input_ids.shape[1]
+        present = attention_mask.bool()
+        causal = torch.ones(k, k, dtype=torch.bool, device=input_ids.device).tril()
+        block = causal[None] & present[:, None, :]
+        positions = (present.long().cumsum(-1) - 1).clamp(min=0)
+        return self.forward(input_ids, block, positions, token_valid=present, hidden=hidden, **model_inputs)
+
+    def crop(self, length: int) -> None:
+        remove = self.length - length
+        if remove > 0:
+            self.cache.crop(-remove)  # a negative count removes tokens in transformers 4.x and 5.x alike
+        self.valid = self.valid[:, :length]
+
+    def keep_accepted(self, accept_nodes: torch.Tensor, accept_len: torch.Tensor, tree_start: int,
+                      longest: int) -> None:
+        """After a tree forward at slots [tree_start, tree_start + N): move each row's accepted nodes to the
+        front of the tree region (kv_compact), drop the rest of the region beyond the longest row, and mark
+        each row's accepted slots valid."""
+        ops.kv_compact(self.cache, accept_nodes, tree_start)
+        self.crop(tree_start + longest)
+        steps = torch.arange(longest, device=accept_len.device)
+        self.valid[:, tree_start:] = steps[None, :] < accept_len[:, None]

@@ -1,0 +1,137 @@
+"""SpeculativeDecoder, greedy: token-identical to target.generate(do_sample=False) on tiny random Llamas."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import sdalign_rt as sd  # noqa: E402
+
+VOCAB = 96
+TREES = {
+    "chain1": sd.TreeSpec.chain(1),
+    "chain4": sd.TreeSpec.chain(4),
+    "static": sd.TreeSpec.static([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0)]),
+}
+
+
+def tiny_llama(seed: int, hidden: int = 64, layers: int = 2, vocab: int = VOCAB) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+TARGET = tiny_llama(0)
+
+
+def perturbed(model, scale: float, seed: int) -> LlamaForCausalLM:
+    copy = tiny_llama(0)
+    copy.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std().clamp(min=1e-3))
+    return copy
+
+
+DRAFTS = {"unrelated": tiny_llama(1, hidden=32), "identical": perturbed(TARGET, 0.0, 0),
+          "perturbed": perturbed(TARGET, 0.3, 1)}
+
+
+def left_padded_prompts(lengths, seed):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, width - n:] = torch.randint(1, VOCAB, (n,), generator=gen)
+        mask[b, width - n:] = 1
+    return ids, mask
+
+
+def reference(ids, mask, max_new_tokens, eos=None):
+    kwargs = {"eos_token_id": eos} if eos is not None else {}
+    return TARGET.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+
+
+@settings(max_examples=30)
+@given(draft=st.sampled_from(sorted(DRAFTS)), tree=st.sampled_from(sorted(TREES)),
+       lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3), max_new=st.integers(1, 24),
+       aligned=st.booleans(), seed=st.integers(0, 2**16))
+def test_greedy_equals_target_generate(draft, tree, lengths, max_new, aligned, seed):
+    ids, mask = left_padded_prompts(lengths, seed)
+    drafter = DRAFTS[draft]
+    adapter = None
+    if aligned:  # identity at init; maps the drafter's hidden size onto the verifier's when they differ
+        adapter = sd.BottleneckAdapter(drafter.config.hidden_size, 16, out_size=TARGET.config.hidden_size)
+        torch.nn.init.normal_(adapter.up.weight, std=0.02)
+    decoder = sd.SpeculativeDecoder(target=TARGET, draft=drafter, adapter=adapter, tree=TREES[tree])
+    out = decoder.generate(ids, max_new, attention_mask=mask)
+    assert torch.equal(out.sequences, reference(ids, mask, max_new))
+
+
+@pytest.mark.parametrize("tree", ["chain1", "chain4", "static"])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_identical_drafter_accepts_everything(tree, aligned):
+    """Drafter == verifier (with an identity adapter when aligned): every draft is accepted, tau == depth + 1."""
+    spec = TREES[tree]
+    ids, mask = left_padded_prompts([5, 3], 0)
+    adapter = sd.BottleneckAdapter(64, 16) if aligned else None
+    max_new = 1 + 3 * (spec.depth + 1)  # the prefill token, then three full steps
+    out = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["identical"], adapter=adapter, tree=spec).generate(
+        ids, max_new, attention_mask=mask)
+    assert torch.equal(out.sequences, reference(ids, mask, max_new))
+    assert out.stats["steps"] == 3
+    assert out.stats["mean_accepted"] == spec.depth + 1 and out.stats["acceptance_rate"] == 1.0
+    assert out.stats["per_position_acceptance"] == [1.0] * spec.depth
+
+
+def test_unrelated_drafter_still_lossless_with_low_acceptance():
+    ids, mask = left_padded_prompts([6, 6], 3)
+    out = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["unrelated"], tree=TREES["chain4"]).generate(
+        ids, 30, attention_mask=mask)
+    assert torch.equal(out.sequences, reference(ids, mask, 30))
+    assert out.stats["acceptance_rate"] < 0.3
+
+
+def test_eos_ends_rows_independently_like_generate():
+    ids, mask = left_padded_prompts([4, 7, 2], 5)
+    plain = reference(ids, mask, 25)
+    eos = int(plain[0, ids.shape[1] + 5])  # a token the first row emits after a few steps
+    expected = reference(ids, mask, 25, eos=eos)
+    decoder = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], tree=TREES["static"], eos_token_id=eos,
+                                    pad_token_id=0)
+    out = decoder.generate(ids, 25, attention_mask=mask)
+    assert torch.equal(out.sequences, expected)
+
+
+def test_streaming_callback_sees_every_token_once():
+    ids, mask = left_padded_prompts([3, 5], 7)
+    chunks = []
+    out = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], tree=TREES["chain4"]).generate(
+        ids, 17, attention_mask=mask, callback=chunks.append)
+    for b in range(2):
+        streamed = [t for chunk in chunks for t in chunk[b]]
+        assert streamed == out.sequences[b, ids.shape[1]:].tolist()
+
+
+def test_errors():
+    other_vocab = tiny_llama(2, vocab=VOCAB + 8)
+    with pytest.raises(ValueError, match="vocab mismatch"):
+        sd.SpeculativeDecoder(target=TARGET, draft=other_vocab)
+    with pytest.raises(ValueError, match=r"adapter maps 64 -> 64, but the drafter's hidden size is 32"):
+        sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["unrelated"], adapter=sd.BottleneckAdapter(64, 8))
+    decoder = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"])
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="batch size mismatch"):
+        decoder.generate(ids, 4, draft_input_ids=ids[:1])
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        decoder.generate(ids, 0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], mode="fast")
