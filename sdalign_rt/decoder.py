@@ -9,8 +9,10 @@ One step, for every row of the batch at once:
      slots; the drafter's tree slots are dropped (its cache holds committed tokens only).
 The loop reads one small tensor back per step (accepted lengths and tokens), to emit tokens and stop.
 
-This slice implements greedy (lossless) decoding with chains and static trees, plain and aligned drafting,
-and batches with left padding; "sample" and "feature" modes and dynamic trees are not built yet.
+This slice implements greedy (lossless) and sample (lossless in distribution; drafts are the drafter's
+deterministic top-k, the case verify_tree_sampling's rule is exact for) decoding with chains and static
+trees, plain and aligned drafting, and batches with left padding; "feature" mode and dynamic trees are not
+built yet.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ import torch
 from sdalign_rt import ops
 from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.model_runner import ModelRunner
+from sdalign_rt.sampling import check_sampling_args, warped_probs
 from sdalign_rt.trees import TreeSpec
 
 MODES = ("greedy", "sample", "feature")
-BUILT_MODES = ("greedy",)
+BUILT_MODES = ("greedy", "sample")
 
 
 @dataclass
@@ -96,11 +99,18 @@ class SpeculativeDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
                  draft_input_ids: torch.Tensor | None = None, draft_attention_mask: torch.Tensor | None = None,
                  target_inputs: dict | None = None, draft_inputs: dict | None = None,
-                 callback: Callable[[list[list[int]]], None] | None = None) -> GenerateOutput:
-        """Greedy speculative decoding: token-identical to target.generate(do_sample=False).
+                 callback: Callable[[list[list[int]]], None] | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None) -> GenerateOutput:
+        """Speculative decoding. greedy: token-identical to target.generate(do_sample=False); sample: the
+        distribution of target.generate(do_sample=True, temperature=..., top_k=..., top_p=...) (top_k None or
+        0 is off, unlike generate's default of 50), with uniforms from `generator`.
 
         callback, if given, receives after every step the list of tokens each row emitted in it.
         """
+        check_sampling_args(temperature, top_k, top_p)
+        self._sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self._generator = generator
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         batch = input_ids.shape[0]
@@ -123,7 +133,7 @@ class SpeculativeDecoder:
         with ops.value_checks(False):
             target_logits, _ = verifier.prefill(input_ids, attention_mask, **(target_inputs or {}))
             drafter.prefill(draft_input_ids, draft_attention_mask, hidden=aligned, **(draft_inputs or {}))
-            root = target_logits[:, -1].argmax(-1)
+            root = self._first_token(target_logits[:, -1])
             generated = [[int(t)] for t in root.tolist()]
             finished = [self._ends(row, max_new_tokens) for row in generated]
             pending = root[:, None]
@@ -204,10 +214,21 @@ class SpeculativeDecoder:
         tree_start = verifier.length
         positions = verifier.next_positions()[:, None] + plan.depths[None, :]
         logits, _ = verifier.forward(tokens, plan.tree_mask[None].expand(batch, -1, -1), positions)
-        accept_nodes, accept_len, bonus = ops.verify_tree_greedy(
-            tokens, plan.parents.expand(batch, -1), logits.argmax(-1), max_depth=self.tree.depth)
+        parents = plan.parents.expand(batch, -1)
+        if self.mode == "sample":
+            uniform = torch.rand(tokens.shape, generator=self._generator, device=tokens.device)
+            accept_nodes, accept_len, bonus = ops.verify_tree_sampling(
+                tokens, parents, warped_probs(logits, **self._sampling), uniform, max_depth=self.tree.depth)
+        else:
+            accept_nodes, accept_len, bonus = ops.verify_tree_greedy(tokens, parents, logits.argmax(-1),
+                                                                     max_depth=self.tree.depth)
         verifier.keep_accepted(accept_nodes, accept_len, tree_start, int(accept_len.max()))
         return accept_nodes, accept_len, bonus
+
+    def _first_token(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.mode == "sample":
+            return torch.multinomial(warped_probs(logits, **self._sampling), 1, generator=self._generator)[:, 0]
+        return logits.argmax(-1)
 
     def _ends(self, row: list[int], max_new_tokens: int) -> bool:
         return len(row) >= max_new_tokens or (bool(row) and row[-1] in self.eos_token_ids)

@@ -22,6 +22,8 @@ def tiny_llama(seed: int, hidden: int = 64, layers: int = 2, vocab: int = VOCAB)
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          attn_implementation="eager")
     model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random-init logits are nearly flat; a sharper head behaves more like a trained model
+        model.lm_head.weight.mul_(20.0)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -135,3 +137,44 @@ def test_errors():
         decoder.generate(ids, 0)
     with pytest.raises(ValueError, match="mode must be one of"):
         sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], mode="fast")
+
+
+def homogeneity_p_value(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample chi-square test of equal distributions; categories with < 10 draws in all are pooled."""
+    counts = torch.stack([torch.bincount(a, minlength=VOCAB), torch.bincount(b, minlength=VOCAB)]).double()
+    big = counts.sum(0) >= 10
+    table = torch.cat([counts[:, big], counts[:, ~big].sum(1, keepdim=True)], dim=1)
+    table = table[:, table.sum(0) > 0]
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    stat = ((table - expected) ** 2 / expected).sum()
+    df = table.shape[1] - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
+
+
+@pytest.mark.parametrize("tree,warp", [("chain4", dict(temperature=1.0)),
+                                       ("static", dict(temperature=0.7, top_k=20, top_p=0.9))])
+def test_sample_mode_matches_target_sampling(tree, warp):
+    """Each of the first new tokens is distributed as in target.generate(do_sample=True): two-sample
+    chi-square on 3000 rows each, fixed seeds, p > 1e-4 per position."""
+    rows, new = 3000, 4
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(11)).expand(rows, -1)
+    decoder = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], mode="sample", tree=TREES[tree])
+    out = decoder.generate(ids, new, generator=torch.Generator().manual_seed(1), **warp)
+    ours = out.sequences[:, 6:]
+    assert 0.02 < out.stats["acceptance_rate"] < 0.98  # both the accept and the reject branch are exercised
+    torch.manual_seed(2)
+    theirs = TARGET.generate(ids, max_new_tokens=new, do_sample=True, top_k=warp.get("top_k", 0),
+                             top_p=warp.get("top_p", 1.0), temperature=warp["temperature"])[:, 6:]
+    for position in range(new):
+        p_value = homogeneity_p_value(ours[:, position], theirs[:, position])
+        assert p_value > 1e-4, f"position {position}: p-value {p_value:.2e}"
+
+
+def test_sample_mode_is_reproducible_with_a_generator():
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    decoder = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], mode="sample", tree=TREES["static"])
+    first = decoder.generate(ids, 12, generator=torch.Generator().manual_seed(5)).sequences
+    second = decoder.generate(ids, 12, generator=torch.Generator().manual_seed(5)).sequences
+    assert torch.equal(first, second)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        decoder.generate(ids, 4, temperature=0.0)
