@@ -11,8 +11,8 @@ The loop reads one small tensor back per step (accepted lengths and tokens), to 
 
 This slice implements greedy (lossless) and sample (lossless in distribution; drafts are the drafter's
 deterministic top-k, the case verify_tree_sampling's rule is exact for) decoding with chains and static
-trees, plain and aligned drafting, and batches with left padding; "feature" mode and dynamic trees are not
-built yet.
+or dynamic (EAGLE-2) trees, plain and aligned drafting, and batches with left padding; "feature" mode is the
+relaxed, lossy rule (cosine of adapted drafter state vs verifier state), reported in stats.
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from typing import Callable
 
 import torch
 
-from sdalign_rt import ops
+from sdalign_rt import checks, ops
 from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.model_runner import ModelRunner
 from sdalign_rt.sampling import check_sampling_args, warped_probs
-from sdalign_rt.trees import TreeSpec
+from sdalign_rt.trees import TreeSpec, select_dynamic_tree
 
 MODES = ("greedy", "sample", "feature")
-BUILT_MODES = ("greedy", "sample")
+BUILT_MODES = MODES
 
 
 @dataclass
@@ -53,17 +53,13 @@ class SpeculativeDecoder:
                  eos_token_id=None, pad_token_id: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode not in BUILT_MODES:
-            raise NotImplementedError(f"mode={mode!r} is not implemented yet (built: {BUILT_MODES})")
         if draft_layers is not None:
             raise NotImplementedError("draft_layers (shallow drafting) is not implemented yet")
         tree = tree if tree is not None else TreeSpec.chain(4)
         if not isinstance(tree, TreeSpec):
             raise ValueError(f"tree must be a TreeSpec, got {type(tree).__name__}")
-        if not tree.is_static:
-            raise NotImplementedError("dynamic trees are not implemented in the decoding loop yet")
         self.target, self.draft, self.adapter, self.mode, self.tree = target, draft, adapter, mode, tree
-        self.feature_threshold = feature_threshold
+        self.feature_threshold = checks.threshold(feature_threshold)
         self._check_pair()
         config = getattr(target, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
@@ -86,6 +82,9 @@ class SpeculativeDecoder:
             if (self.adapter.hidden_size, self.adapter.out_size) != (draft_hidden, target_hidden):
                 raise ValueError(f"adapter maps {self.adapter.hidden_size} -> {self.adapter.out_size}, but the drafter's "
                                  f"hidden size is {draft_hidden} and the verifier's {target_hidden}")
+        if self.mode == "feature" and self.adapter is None and _hidden_size(self.draft) != _hidden_size(self.target):
+            raise ValueError(f"feature mode compares hidden states: the drafter's ({_hidden_size(self.draft)}) and the "
+                             f"verifier's ({_hidden_size(self.target)}) sizes differ, so it needs an adapter")
         if _vocab_size(self.draft, "input") < target_vocab:
             raise ValueError(f"vocab mismatch: the drafter embeds {_vocab_size(self.draft, 'input')} token ids but "
                              f"the verifier emits {target_vocab}")
@@ -143,20 +142,21 @@ class SpeculativeDecoder:
                 callback([list(row) for row in generated])
             while not all(finished):
                 t0 = time.perf_counter()
-                tokens = self._draft_tree(drafter, pending, pending_valid, root, aligned)
+                draft = self._draft_tree(drafter, pending, pending_valid, root, aligned)
+                tokens = draft.tokens
                 t1 = time.perf_counter()
-                accept_nodes, accept_len, bonus = self._verify(verifier, tokens)
+                accept_nodes, accept_len, bonus, mismatches = self._verify(verifier, draft)
                 t2 = time.perf_counter()
-                host = torch.cat([accept_len[:, None], tokens.gather(1, accept_nodes.clamp(min=0)),
+                host = torch.cat([accept_len[:, None], mismatches[:, None], tokens.gather(1, accept_nodes.clamp(min=0)),
                                   bonus[:, None]], dim=1).tolist()  # the one read-back of the step
                 emitted, committed = [], []
                 for b, row in enumerate(host):
-                    length, path, extra = row[0], row[1:-1], row[-1]
+                    length, differ, path, extra = row[0], row[1], row[2:-1], row[-1]
                     committed.append(path[1:length] + [extra])  # accepted drafts + bonus: new for the drafter
                     if finished[b]:
                         emitted.append([])
                         continue
-                    stats.record(length - 1)
+                    stats.record(length - 1, differ)
                     emitted.append(self._emit(generated[b], committed[b], max_new_tokens))
                     finished[b] = self._ends(generated[b], max_new_tokens)
                 stats.steps += 1
@@ -175,21 +175,40 @@ class SpeculativeDecoder:
             self._tree_plan = _TreePlan.build(self.tree, device)
         return self._tree_plan
 
-    def _draft_tree(self, drafter: ModelRunner, pending, pending_valid, root, aligned) -> torch.Tensor:
-        """Feed the committed tokens the drafter has not seen, then draft the tree level by level.
-        Returns tokens[B, N] (node 0 = root). The drafter's cache ends holding committed tokens only."""
-        batch, k = pending.shape
-        device = pending.device
-        plan = self._plan(device)
-        causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()
+    def _feed_pending(self, drafter: ModelRunner, pending, pending_valid, hidden: bool):
+        """Run the committed tokens the drafter has not seen (right-aligned, the root last)."""
+        k = pending.shape[1]
+        causal = torch.ones(k, k, dtype=torch.bool, device=pending.device).tril()
         positions = drafter.next_positions()[:, None] + (pending_valid.long().cumsum(-1) - 1).clamp(min=0)
-        logits, hidden = drafter.forward(pending, causal[None] & pending_valid[:, None, :], positions,
-                                         token_valid=pending_valid, hidden=aligned)
+        return drafter.forward(pending, causal[None] & pending_valid[:, None, :], positions,
+                               token_valid=pending_valid, hidden=hidden)
+
+    def _draft_tree(self, drafter: ModelRunner, pending, pending_valid, root, aligned):
+        """Draft this step's tree. Returns a _Draft (tokens[B, N] with node 0 = root, parents, masks, depths).
+        The drafter's cache ends holding committed tokens only."""
+        hidden_needed = aligned or self.mode == "feature"
+        logits, hidden = self._feed_pending(drafter, pending, pending_valid, hidden_needed)
         committed = drafter.length
         root_pos = drafter.next_positions() - 1
+        root_hidden = hidden[:, -1:] if hidden_needed else None
+        root_logits = self._draft_logits(logits[:, -1:], root_hidden)[:, 0]
+        if self.tree.is_static:
+            draft = self._draft_static(drafter, root, root_logits, root_hidden, committed, root_pos)
+        else:
+            draft = self._draft_dynamic(drafter, root, root_logits, root_hidden, committed, root_pos)
+        drafter.crop(committed)
+        return draft
+
+    def _draft_static(self, drafter, root, root_logits, root_hidden, committed, root_pos) -> "_Draft":
+        batch, device = root.shape[0], root.device
+        plan = self._plan(device)
         tokens = torch.empty(batch, plan.nodes, dtype=torch.long, device=device)
         tokens[:, 0] = root
-        level_logits = [self._draft_logits(logits[:, -1:], hidden[:, -1:] if aligned else None)]
+        node_hidden = None
+        if root_hidden is not None:
+            node_hidden = torch.zeros(batch, plan.nodes, root_hidden.shape[-1], dtype=root_hidden.dtype, device=device)
+            node_hidden[:, 0] = root_hidden[:, 0]
+        level_logits = [root_logits[:, None]]
         for depth in range(1, self.tree.depth + 1):
             nodes = plan.level_nodes[depth]
             parent_logits = level_logits[depth - 1][:, plan.parent_slot[depth]]
@@ -201,29 +220,106 @@ class SpeculativeDecoder:
             width = len(nodes)
             past = torch.cat([drafter.valid[:, None, :committed].expand(batch, width, committed),
                               plan.ancestors[nodes][:, 1:int(nodes[0])][None].expand(batch, -1, -1)], dim=-1)
-            siblings_hidden = torch.zeros(batch, width, width, dtype=torch.bool, device=device)
-            logits, hidden = drafter.forward(tokens[:, nodes], siblings_hidden, (root_pos + depth)[:, None].expand(-1, width),
-                                             past_mask=past, hidden=aligned)
+            alone = torch.zeros(batch, width, width, dtype=torch.bool, device=device)
+            logits, hidden = drafter.forward(tokens[:, nodes], alone, (root_pos + depth)[:, None].expand(-1, width),
+                                             past_mask=past, hidden=node_hidden is not None)
             level_logits.append(self._draft_logits(logits, hidden))
-        drafter.crop(committed)
-        return tokens
+            if node_hidden is not None:
+                node_hidden[:, nodes] = hidden
+        return _Draft(tokens, plan.parents.expand(batch, -1), plan.tree_mask.expand(batch, -1, -1),
+                      plan.depths.expand(batch, -1), node_hidden)
 
-    def _verify(self, verifier: ModelRunner, tokens: torch.Tensor):
-        batch = tokens.shape[0]
-        plan = self._plan(tokens.device)
+    def _draft_dynamic(self, drafter, root, root_logits, root_hidden, committed, root_pos) -> "_Draft":
+        """EAGLE-2: the root's top_k children, then per level the top_k best candidates by cumulative draft
+        log-prob are run through the drafter and each proposes top_k children; the best total_tokens
+        candidates form the tree. Every row expands its own frontier."""
+        k, depth = self.tree.top_k, self.tree.depth
+        batch, device = root.shape[0], root.device
+        hidden_needed = root_hidden is not None
+        logp, top = root_logits.float().log_softmax(-1).topk(k, dim=-1)
+        cand_tokens, cand_scores = [top], [logp]
+        cand_parents = [torch.full((batch, k), -1, dtype=torch.long, device=device)]
+        forwarded = k * (depth - 1)
+        cand_ancestors = [torch.zeros(batch, k, forwarded, dtype=torch.bool, device=device)]
+        cand_hidden = []  # (candidate ids, drafter hidden states) of each forwarded frontier
+        level_start = 0
+        for level in range(1, depth):
+            scores = torch.cat(cand_scores, 1)
+            level_scores = scores[:, level_start:]
+            chosen = level_start + level_scores.topk(k, dim=-1).indices  # candidate ids of the frontier
+            tokens = torch.cat(cand_tokens, 1).gather(1, chosen)
+            ancestors = torch.cat(cand_ancestors, 1).gather(1, chosen[..., None].expand(-1, -1, forwarded))
+            filled = (level - 1) * k
+            past = torch.cat([drafter.valid[:, None, :committed].expand(batch, k, committed),
+                              ancestors[..., :filled]], dim=-1)
+            alone = torch.zeros(batch, k, k, dtype=torch.bool, device=device)
+            logits, hidden = drafter.forward(tokens, alone, (root_pos + level)[:, None].expand(-1, k),
+                                             past_mask=past, hidden=hidden_needed)
+            child_logp, child_tokens = self._draft_logits(logits, hidden).float().log_softmax(-1).topk(k, dim=-1)
+            level_start = scores.shape[1]
+            cand_tokens.append(child_tokens.reshape(batch, k * k))
+            cand_scores.append((scores.gather(1, chosen)[..., None] + child_logp).reshape(batch, k * k))
+            cand_parents.append(chosen[..., None].expand(-1, -1, k).reshape(batch, k * k))
+            own_slot = torch.zeros(batch, k, forwarded, dtype=torch.bool, device=device)
+            own_slot[:, torch.arange(k), filled + torch.arange(k)] = True
+            cand_ancestors.append((ancestors | own_slot)[:, :, None].expand(-1, -1, k, -1).reshape(batch, k * k, forwarded))
+            if hidden_needed:
+                cand_hidden.append((chosen, hidden))
+        parents, tokens, kept = select_dynamic_tree(torch.cat(cand_parents, 1), torch.cat(cand_tokens, 1),
+                                                    torch.cat(cand_scores, 1), self.tree.total_tokens)
+        tokens[:, 0] = root
+        masks = ops.build_tree(parents, 0)
+        node_hidden = None
+        if hidden_needed:  # nodes never run through the drafter (leaves) keep zeros: they are nobody's parent
+            width = root_hidden.shape[-1]
+            candidates = sum(scores.shape[1] for scores in cand_scores)
+            by_candidate = torch.zeros(batch, candidates, width, dtype=root_hidden.dtype, device=device)
+            for chosen, hidden in cand_hidden:
+                by_candidate.scatter_(1, chosen[..., None].expand(-1, -1, width), hidden)
+            node_hidden = torch.cat([root_hidden, by_candidate.gather(1, kept[..., None].expand(-1, -1, width))], 1)
+        return _Draft(tokens, parents, masks.mask[:, 0], masks.depth, node_hidden)
+
+    def _verify(self, verifier: ModelRunner, draft: "_Draft"):
+        """One verifier forward over the tree. Returns (accept_nodes, accept_len, bonus, mismatches[B]):
+        mismatches counts accepted drafts that differ from the verifier's argmax (nonzero in feature mode only)."""
+        tokens = draft.tokens
         tree_start = verifier.length
-        positions = verifier.next_positions()[:, None] + plan.depths[None, :]
-        logits, _ = verifier.forward(tokens, plan.tree_mask[None].expand(batch, -1, -1), positions)
-        parents = plan.parents.expand(batch, -1)
+        positions = verifier.next_positions()[:, None] + draft.depths
+        logits, hidden = verifier.forward(tokens, draft.tree_mask, positions, hidden=self.mode == "feature")
+        argmax = logits.argmax(-1)
         if self.mode == "sample":
             uniform = torch.rand(tokens.shape, generator=self._generator, device=tokens.device)
             accept_nodes, accept_len, bonus = ops.verify_tree_sampling(
-                tokens, parents, warped_probs(logits, **self._sampling), uniform, max_depth=self.tree.depth)
+                tokens, draft.parents, warped_probs(logits, **self._sampling), uniform, max_depth=self.tree.depth)
+        elif self.mode == "feature":
+            accept_nodes, accept_len, bonus = self._verify_features(draft, hidden, argmax)
         else:
-            accept_nodes, accept_len, bonus = ops.verify_tree_greedy(tokens, parents, logits.argmax(-1),
+            accept_nodes, accept_len, bonus = ops.verify_tree_greedy(tokens, draft.parents, argmax,
                                                                      max_depth=self.tree.depth)
         verifier.keep_accepted(accept_nodes, accept_len, tree_start, int(accept_len.max()))
-        return accept_nodes, accept_len, bonus
+        if self.mode != "feature":
+            return accept_nodes, accept_len, bonus, torch.zeros_like(accept_len)
+        path_nodes = accept_nodes[:, 1:]
+        differs = (tokens.gather(1, path_nodes.clamp(min=0)) != argmax.gather(1, accept_nodes[:, :-1].clamp(min=0)))
+        return accept_nodes, accept_len, bonus, (differs & (path_nodes >= 0)).sum(-1)
+
+    def _verify_features(self, draft: "_Draft", target_hidden, target_argmax):
+        """Relaxed acceptance: node i is accepted when its parent is and the parent's adapted drafter state is
+        within the cosine threshold of the verifier's state there (the two states that predict token i)."""
+        adapter = self.adapter
+        if adapter is not None and adapter.residual:
+            _, sims, close, _ = ops.adapter_cosine_accept(
+                draft.node_hidden, target_hidden.to(draft.node_hidden.dtype), adapter.down.weight,
+                adapter.down.bias, adapter.up.weight, adapter.up.bias, self.feature_threshold, "relaxed")
+        else:
+            adapted = adapter(draft.node_hidden) if adapter is not None else draft.node_hidden
+            _, close, _ = ops.cosine_accept(adapted, target_hidden.to(adapted.dtype), self.feature_threshold, "relaxed")
+        # verify_tree_greedy's path rule on "parent is close" flags: node i passes iff close[parent(i)].
+        passes = close.gather(1, draft.parents.clamp(min=0)).long()
+        accept_nodes, accept_len, _ = ops.verify_tree_greedy(passes, draft.parents, torch.ones_like(passes),
+                                                             max_depth=self.tree.depth)
+        last = accept_nodes.gather(1, (accept_len - 1)[:, None])
+        return accept_nodes, accept_len, target_argmax.gather(1, last)[:, 0]
 
     def _first_token(self, logits: torch.Tensor) -> torch.Tensor:
         if self.mode == "sample":
@@ -264,6 +360,17 @@ def _right_aligned(rows: list[list[int]], device):
 
 
 @dataclass
+class _Draft:
+    """One step's draft tree: tokens[B, N] (node 0 = root), parents[B, N], tree_mask[B, N, N] (self and
+    ancestors), depths[B, N], and the drafter's hidden state at each node (feature mode / aligned only)."""
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    tree_mask: torch.Tensor
+    depths: torch.Tensor
+    node_hidden: torch.Tensor | None = None
+
+
+@dataclass
 class _TreePlan:
     """Everything that depends only on the static tree shape, built once per device (plan once, run many)."""
     nodes: int
@@ -300,10 +407,12 @@ class _Stats:
         self.row_steps = 0
         self.accepted = 0
         self.per_position = [0] * depth
+        self.feature_mismatches = 0
 
-    def record(self, accepted_drafts: int):
+    def record(self, accepted_drafts: int, differ: int = 0):
         self.row_steps += 1
         self.accepted += accepted_drafts
+        self.feature_mismatches += differ
         for i in range(accepted_drafts):
             self.per_position[i] += 1
 
@@ -317,5 +426,7 @@ class _Stats:
             "mean_accepted": (self.accepted + self.row_steps) / rows,  # tau: tokens per step, bonus included
             "acceptance_rate": self.accepted / (rows * self.depth),  # alpha per draft depth on the path
             "per_position_acceptance": [c / rows for c in self.per_position],
+            # feature mode: accepted drafts that differ from the verifier's own argmax (the price of relaxing)
+            "feature_mismatches": self.feature_mismatches,
             "timings": timings,
         }

@@ -13,6 +13,7 @@ TREES = {
     "chain1": sd.TreeSpec.chain(1),
     "chain4": sd.TreeSpec.chain(4),
     "static": sd.TreeSpec.static([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0)]),
+    "dynamic": sd.TreeSpec.dynamic(top_k=3, depth=4, total_tokens=10),
 }
 
 
@@ -178,3 +179,37 @@ def test_sample_mode_is_reproducible_with_a_generator():
     assert torch.equal(first, second)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         decoder.generate(ids, 4, temperature=0.0)
+
+
+@pytest.mark.parametrize("tree", ["chain4", "static", "dynamic"])
+def test_feature_mode_thresholds(tree):
+    """threshold > 1 accepts nothing (output = greedy verifier output); -1 accepts every draft (lossy, and
+    the mismatches are reported)."""
+    ids, mask = left_padded_prompts([5, 4], 9)
+    expected = reference(ids, mask, 15)
+    nothing = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], mode="feature", tree=TREES[tree],
+                                    feature_threshold=1.5).generate(ids, 15, attention_mask=mask)
+    assert torch.equal(nothing.sequences, expected)
+    assert nothing.stats["accepted"] == 0 and nothing.stats["feature_mismatches"] == 0
+    everything = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["unrelated"], mode="feature", tree=TREES[tree],
+                                       adapter=sd.BottleneckAdapter(32, 8, out_size=64), feature_threshold=-1.0)
+    out = everything.generate(ids, 16, attention_mask=mask)
+    assert out.stats["per_position_acceptance"][0] == 1.0
+    if tree != "dynamic":  # a static tree's deepest path has depth nodes
+        assert out.stats["mean_accepted"] == TREES[tree].depth + 1
+    assert out.stats["feature_mismatches"] > 0 and not torch.equal(out.sequences, reference(ids, mask, 16))
+
+
+def test_feature_mode_with_identical_states_is_exact():
+    """Drafter == verifier, identity adapter: states match (cosine 1), drafts are the verifier's argmax."""
+    ids, mask = left_padded_prompts([6, 2], 4)
+    out = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["identical"], adapter=sd.BottleneckAdapter(64, 8),
+                                mode="feature", tree=TREES["chain4"], feature_threshold=0.999).generate(
+        ids, 16, attention_mask=mask)
+    assert torch.equal(out.sequences, reference(ids, mask, 16))
+    assert out.stats["acceptance_rate"] == 1.0 and out.stats["feature_mismatches"] == 0
+
+
+def test_feature_mode_needs_matching_hidden_sizes_or_an_adapter():
+    with pytest.raises(ValueError, match="feature mode compares hidden states"):
+        sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["unrelated"], mode="feature")
