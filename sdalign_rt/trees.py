@@ -68,6 +68,29 @@ class TreeSpec:
                              f"depth={depth} expand")
         return cls("dynamic", depth, top_k, total_tokens)
 
+    @classmethod
+    def parse(cls, text: str) -> "TreeSpec":
+        """From the command line: "chain:4", "dynamic:TOP_K,DEPTH,TOTAL", or "static:" + a JSON list of rank
+        paths ("static:[[0],[1],[0,0]]") or of a JSON file holding one ("static:tree.json")."""
+        kind, _, arg = text.partition(":")
+        try:
+            if kind == "chain":
+                return cls.chain(int(arg))
+            if kind == "dynamic":
+                top_k, depth, total = (int(v) for v in arg.split(","))
+                return cls.dynamic(top_k, depth, total)
+            if kind == "static":
+                import json
+                import os
+
+                if os.path.isfile(arg):
+                    with open(arg) as f:
+                        return cls.static(json.load(f))
+                return cls.static(json.loads(arg))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"cannot read tree {text!r}: {exc}") from None
+        raise ValueError(f"tree must be chain:DEPTH, static:CHOICES or dynamic:TOP_K,DEPTH,TOTAL; got {text!r}")
+
     @property
     def num_nodes(self) -> int:
         """Tree nodes the verifier checks per step: the root and the drafts."""

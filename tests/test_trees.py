@@ -125,3 +125,15 @@ def test_ties_keep_parents():
     scores = torch.tensor([[-1.0, -1.0, -1.0, -1.0]])
     tree, _, kept = sd.select_dynamic_tree(parents, torch.tensor([[5, 6, 7, 8]]), scores, 3)
     assert kept.tolist() == [[0, 1, 2]] and tree.tolist() == [[-1, 0, 1, 2]]
+
+
+def test_parse(tmp_path):
+    assert sd.TreeSpec.parse("chain:3") == sd.TreeSpec.chain(3)
+    assert sd.TreeSpec.parse("dynamic:2,3,6") == sd.TreeSpec.dynamic(2, 3, 6)
+    assert sd.TreeSpec.parse("static:[[0],[1],[0,0]]") == sd.TreeSpec.static([(0,), (1,), (0, 0)])
+    (tmp_path / "tree.json").write_text("[[0], [0, 0]]")
+    assert sd.TreeSpec.parse(f"static:{tmp_path / 'tree.json'}") == sd.TreeSpec.static([(0,), (0, 0)])
+    with pytest.raises(ValueError, match="tree must be chain:DEPTH"):
+        sd.TreeSpec.parse("bushy:3")
+    with pytest.raises(ValueError, match="cannot read tree 'chain:x'"):
+        sd.TreeSpec.parse("chain:x")

@@ -1,0 +1,54 @@
+"""sdalign-rt generate on local checkpoints saved and reloaded through transformers' loaders."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+import sdalign_rt as sd  # noqa: E402
+from sdalign_rt import cli  # noqa: E402
+from test_decoder import DRAFTS, TARGET, VOCAB  # noqa: E402
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", pad_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    TARGET.save_pretrained(root / "target")
+    word_tokenizer().save_pretrained(root / "target")
+    DRAFTS["perturbed"].save_pretrained(root / "draft")
+    sd.BottleneckAdapter(64, 16).save_pretrained(str(root / "adapter"))
+    return root
+
+
+@pytest.mark.parametrize("tree", ["chain:3", "static:[[0],[1],[0,0],[0,1]]", "dynamic:2,3,5"])
+def test_generate_matches_the_reloaded_verifier(checkpoints, tree, capsys):
+    prompts = ["w5 w9 w11", "w40 w2"]
+    report = checkpoints / "out.json"
+    assert cli.main(["generate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
+                     "--adapter", str(checkpoints / "adapter"), "--tree", tree, "--max-new-tokens", "12",
+                     "--prompt", prompts[0], "--prompt", prompts[1], "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(report.read_text())
+    tokenizer = word_tokenizer()
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    target = AutoModelForCausalLM.from_pretrained(checkpoints / "target")
+    expected = target.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    texts = tokenizer.batch_decode(expected[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    assert result["texts"] == texts
+    assert texts[0] in printed and '"mean_accepted"' in printed
+
+
+def test_generate_reports_missing_checkpoints(tmp_path):
+    with pytest.raises(SystemExit, match="--target .* is not a directory"):
+        cli.main(["generate", "--target", str(tmp_path / "nope"), "--draft", str(tmp_path), "--prompt", "w2"])
