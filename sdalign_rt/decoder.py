@@ -26,7 +26,7 @@ from sdalign_rt import checks, ops
 from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.model_runner import ModelRunner
 from sdalign_rt.sampling import check_sampling_args, warped_probs
-from sdalign_rt.trees import TreeSpec, select_dynamic_tree
+from sdalign_rt.trees import TreeSpec, ancestor_closure, select_dynamic_tree
 
 MODES = ("greedy", "sample", "feature")
 BUILT_MODES = MODES
@@ -145,10 +145,12 @@ class SpeculativeDecoder:
                 draft = self._draft_tree(drafter, pending, pending_valid, root, aligned)
                 tokens = draft.tokens
                 t1 = time.perf_counter()
+                tree_start = verifier.length
                 accept_nodes, accept_len, bonus, mismatches = self._verify(verifier, draft)
                 t2 = time.perf_counter()
                 host = torch.cat([accept_len[:, None], mismatches[:, None], tokens.gather(1, accept_nodes.clamp(min=0)),
-                                  bonus[:, None]], dim=1).tolist()  # the one read-back of the step
+                                  bonus[:, None]], dim=1).tolist()  # the one read-back (host sync) of the step
+                verifier.keep_accepted(accept_nodes, accept_len, tree_start, max(row[0] for row in host))
                 emitted, committed = [], []
                 for b, row in enumerate(host):
                     length, differ, path, extra = row[0], row[1], row[2:-1], row[-1]
@@ -269,7 +271,7 @@ class SpeculativeDecoder:
         parents, tokens, kept = select_dynamic_tree(torch.cat(cand_parents, 1), torch.cat(cand_tokens, 1),
                                                     torch.cat(cand_scores, 1), self.tree.total_tokens)
         tokens[:, 0] = root
-        masks = ops.build_tree(parents, 0)
+        tree_mask, depths = ancestor_closure(parents)
         node_hidden = None
         if hidden_needed:  # nodes never run through the drafter (leaves) keep zeros: they are nobody's parent
             width = root_hidden.shape[-1]
@@ -278,13 +280,12 @@ class SpeculativeDecoder:
             for chosen, hidden in cand_hidden:
                 by_candidate.scatter_(1, chosen[..., None].expand(-1, -1, width), hidden)
             node_hidden = torch.cat([root_hidden, by_candidate.gather(1, kept[..., None].expand(-1, -1, width))], 1)
-        return _Draft(tokens, parents, masks.mask[:, 0], masks.depth, node_hidden)
+        return _Draft(tokens, parents, tree_mask, depths, node_hidden)
 
     def _verify(self, verifier: ModelRunner, draft: "_Draft"):
         """One verifier forward over the tree. Returns (accept_nodes, accept_len, bonus, mismatches[B]):
         mismatches counts accepted drafts that differ from the verifier's argmax (nonzero in feature mode only)."""
         tokens = draft.tokens
-        tree_start = verifier.length
         positions = verifier.next_positions()[:, None] + draft.depths
         start = time.perf_counter()
         logits, hidden = verifier.forward(tokens, draft.tree_mask, positions, hidden=self.mode == "feature")
@@ -299,7 +300,6 @@ class SpeculativeDecoder:
         else:
             accept_nodes, accept_len, bonus = ops.verify_tree_greedy(tokens, draft.parents, argmax,
                                                                      max_depth=self.tree.depth)
-        verifier.keep_accepted(accept_nodes, accept_len, tree_start, int(accept_len.max()))
         if self.mode != "feature":
             return accept_nodes, accept_len, bonus, torch.zeros_like(accept_len)
         path_nodes = accept_nodes[:, 1:]

@@ -165,3 +165,16 @@ def select_dynamic_tree(candidate_parents: torch.Tensor, candidate_tokens: torch
     root = torch.full((batch, 1), -1, dtype=torch.int64, device=parents.device)
     tokens = torch.cat([root, candidate_tokens.long().gather(1, kept)], dim=1)
     return torch.cat([root, tree_parents], dim=1), tokens, kept
+
+
+def ancestor_closure(parents: torch.Tensor):
+    """(mask[B, N, N] bool: self and ancestors, depth[B, N]) of valid trees, on device with no host sync:
+    the closure of (I + parent adjacency) by log2(N) boolean squarings, as the build_tree kernel does."""
+    batch, n = parents.shape
+    index = torch.arange(n, device=parents.device)
+    step = (parents.long()[..., None] == index) | torch.eye(n, dtype=torch.bool, device=parents.device)
+    closure = step.float()
+    for _ in range(max(1, (n - 1).bit_length())):
+        closure = (closure @ closure).clamp_(max=1.0)
+    mask = closure > 0
+    return mask, mask.sum(-1) - 1

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import sdalign_rt as sd
-from strategies import paths_of
+from strategies import paths_of, trees
 
 MEDUSA_LIKE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 2)]
 
@@ -137,3 +137,11 @@ def test_parse(tmp_path):
         sd.TreeSpec.parse("bushy:3")
     with pytest.raises(ValueError, match="cannot read tree 'chain:x'"):
         sd.TreeSpec.parse("chain:x")
+
+
+@settings(max_examples=20)
+@given(tree=trees(max_nodes=70))
+def test_ancestor_closure_matches_build_tree(tree):
+    mask, depth = sd.trees.ancestor_closure(tree)
+    expected = sd.ops.build_tree(tree, 0)
+    assert torch.equal(mask, expected.mask[:, 0]) and torch.equal(depth, expected.depth)
