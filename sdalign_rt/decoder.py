@@ -127,8 +127,10 @@ class SpeculativeDecoder:
         timings = {"draft_s": 0.0, "verify_forward_s": 0.0, "bookkeeping_s": 0.0}
         start = time.perf_counter()
 
-        verifier = ModelRunner(self.target, batch, device)
-        drafter = ModelRunner(self.draft, batch, device)
+        # Capacity for the common case (rows accept alike); the caches double if garbage slots outgrow it.
+        slack = max_new_tokens + self.tree.num_nodes + 2 * (self.tree.depth + 1)
+        verifier = ModelRunner(self.target, batch, device, capacity=input_ids.shape[1] + slack)
+        drafter = ModelRunner(self.draft, batch, device, capacity=draft_input_ids.shape[1] + slack)
         with ops.value_checks(False):
             target_logits, _ = verifier.prefill(input_ids, attention_mask, **(target_inputs or {}))
             drafter.prefill(draft_input_ids, draft_attention_mask, hidden=aligned, **(draft_inputs or {}))

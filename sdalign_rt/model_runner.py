@@ -16,11 +16,9 @@ from sdalign_rt import ops
 
 
 class ModelRunner:
-    def __init__(self, model, batch: int, device):
-        from transformers import DynamicCache
-
+    def __init__(self, model, batch: int, device, capacity: int = 1024):
         self.model = model
-        self.cache = DynamicCache()
+        self.cache = _new_cache(model, capacity)
         # transformers renamed past_key_values to cache (5.2x); older releases only know the first name.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
@@ -79,7 +77,19 @@ class ModelRunner:
         """After a tree forward at slots [tree_start, tree_start + N): move each row's accepted nodes to the
         front of the tree region (kv_compact), drop the rest of the region beyond the longest row, and mark
         each row's accepted slots valid."""
-        ops.kv_compact(self.cache, accept_nodes, tree_start)
+        ops.kv_compact(self.cache.filled() if hasattr(self.cache, "filled") else self.cache, accept_nodes, tree_start)
         self.crop(tree_start + longest)
         steps = torch.arange(longest, device=accept_len.device)
         self.valid[:, tree_start:] = steps[None, :] < accept_len[:, None]
+
+
+def _new_cache(model, capacity: int):
+    """A PreallocatedCache when this transformers has the layered cache API, else its DynamicCache."""
+    try:
+        from sdalign_rt.kv_cache import PreallocatedCache
+    except ImportError:
+        from transformers import DynamicCache
+
+        return DynamicCache()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return PreallocatedCache(config.num_hidden_layers, capacity)
