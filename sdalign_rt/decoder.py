@@ -17,6 +17,7 @@ relaxed, lossy rule (cosine of adapted drafter state vs verifier state), reporte
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -65,7 +66,9 @@ class SpeculativeDecoder:
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
         self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
         pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+        self._declared_pad = pad
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
+        _warn_unapplied_processors(config)
         self._tree_plan: _TreePlan | None = None
 
     def _check_pair(self):
@@ -92,7 +95,8 @@ class SpeculativeDecoder:
     def _draft_logits(self, logits: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         if self.adapter is None:
             return logits
-        return self.target.get_output_embeddings()(self.adapter(hidden))
+        head = self.target.get_output_embeddings()
+        return head(self.adapter(hidden).to(head.weight.dtype))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
@@ -115,11 +119,11 @@ class SpeculativeDecoder:
         batch = input_ids.shape[0]
         device = input_ids.device
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = self._infer_attention_mask(input_ids)
         if draft_input_ids is None:
             draft_input_ids, draft_attention_mask = input_ids, attention_mask
         elif draft_attention_mask is None:
-            draft_attention_mask = torch.ones_like(draft_input_ids)
+            draft_attention_mask = self._infer_attention_mask(draft_input_ids)
         if draft_input_ids.shape[0] != batch:
             raise ValueError(f"batch size mismatch: input_ids has {batch} rows, draft_input_ids "
                              f"{draft_input_ids.shape[0]}")
@@ -326,6 +330,13 @@ class SpeculativeDecoder:
         last = accept_nodes.gather(1, (accept_len - 1)[:, None])
         return accept_nodes, accept_len, target_argmax.gather(1, last)[:, 0]
 
+    def _infer_attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """HF generate's rule: mask the pad token where one is declared, occurs, and is not an EOS id."""
+        pad = self._declared_pad
+        if pad is None or pad in self.eos_token_ids or not bool((input_ids == pad).any()):
+            return torch.ones_like(input_ids)
+        return (input_ids != pad).long()
+
     def _first_token(self, logits: torch.Tensor) -> torch.Tensor:
         if self.mode == "sample":
             return torch.multinomial(warped_probs(logits, **self._sampling), 1, generator=self._generator)[:, 0]
@@ -350,6 +361,20 @@ class SpeculativeDecoder:
         for b, row in enumerate(generated):
             new[b, : len(row)] = torch.tensor(row, dtype=input_ids.dtype)
         return torch.cat([input_ids, new], dim=1)
+
+
+# Generation-config settings that make target.generate transform the logits; the decoder applies none of them.
+_UNAPPLIED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+              "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
+              "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+              "sequence_bias": None, "exponential_decay_length_penalty": None}
+
+
+def _warn_unapplied_processors(config) -> None:
+    set_ = [name for name, default in _UNAPPLIED.items() if getattr(config, name, default) not in (default, None, 0)]
+    if set_:
+        warnings.warn(f"the verifier's generation_config sets {', '.join(set_)}, which SpeculativeDecoder does not "
+                      "apply: its output can differ from target.generate", stacklevel=3)
 
 
 def _right_aligned(rows: list[list[int]], device):

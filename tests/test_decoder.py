@@ -213,3 +213,29 @@ def test_feature_mode_with_identical_states_is_exact():
 def test_feature_mode_needs_matching_hidden_sizes_or_an_adapter():
     with pytest.raises(ValueError, match="feature mode compares hidden states"):
         sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["unrelated"], mode="feature")
+
+
+def test_attention_mask_is_inferred_like_generate():
+    """No attention_mask: pad tokens (declared pad id, not an EOS id) are masked as target.generate does."""
+    ids, _ = left_padded_prompts([6, 2, 4], 8)  # left pads are token 0 == generation_config.pad_token_id
+    expected = TARGET.generate(ids, max_new_tokens=12, do_sample=False)
+    out = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], tree=TREES["chain4"]).generate(ids, 12)
+    assert torch.equal(out.sequences, expected)
+
+
+def test_warns_about_generation_settings_it_does_not_apply():
+    model = perturbed(TARGET, 0.0, 0)
+    model.generation_config.repetition_penalty = 1.3
+    with pytest.warns(UserWarning, match="sets repetition_penalty"):
+        sd.SpeculativeDecoder(target=model, draft=DRAFTS["perturbed"])
+
+
+def test_mixed_precision_pair_with_adapter():
+    """A bf16 verifier with an fp32 drafter and adapter: drafting works and greedy output stays lossless."""
+    target = perturbed(TARGET, 0.0, 0).to(torch.bfloat16)
+    ids, mask = left_padded_prompts([5, 3], 12)
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    adapter = sd.BottleneckAdapter(32, 8, out_size=64)
+    out = sd.SpeculativeDecoder(target=target, draft=DRAFTS["unrelated"], adapter=adapter,
+                                tree=TREES["static"]).generate(ids, 10, attention_mask=mask)
+    assert torch.equal(out.sequences, expected)
