@@ -153,20 +153,10 @@ class SpeculativeDecoder:
                 t1 = time.perf_counter()
                 tree_start = verifier.length
                 accept_nodes, accept_len, bonus, mismatches = self._verify(verifier, draft)
-                t2 = time.perf_counter()
                 host = torch.cat([accept_len[:, None], mismatches[:, None], tokens.gather(1, accept_nodes.clamp(min=0)),
                                   bonus[:, None]], dim=1).tolist()  # the one read-back (host sync) of the step
                 verifier.keep_accepted(accept_nodes, accept_len, tree_start, max(row[0] for row in host))
-                emitted, committed = [], []
-                for b, row in enumerate(host):
-                    length, differ, path, extra = row[0], row[1], row[2:-1], row[-1]
-                    committed.append(path[1:length] + [extra])  # accepted drafts + bonus: new for the drafter
-                    if finished[b]:
-                        emitted.append([])
-                        continue
-                    stats.record(length - 1, differ)
-                    emitted.append(self._emit(generated[b], committed[b], max_new_tokens))
-                    finished[b] = self._ends(generated[b], max_new_tokens)
+                emitted, committed = self._emit_step(host, generated, finished, stats, max_new_tokens)
                 stats.steps += 1
                 pending, pending_valid = _right_aligned(committed, device)
                 root = bonus
@@ -341,6 +331,21 @@ class SpeculativeDecoder:
         if self.mode == "sample":
             return torch.multinomial(warped_probs(logits, **self._sampling), 1, generator=self._generator)[:, 0]
         return logits.argmax(-1)
+
+    def _emit_step(self, host: list, generated: list, finished: list, stats: "_Stats", max_new_tokens: int):
+        """Per row, from [accept_len, mismatches, path tokens..., bonus]: the tokens the drafter has not seen
+        (accepted drafts + bonus) and those emitted (cut at EOS / max_new_tokens; none for finished rows)."""
+        emitted, committed = [], []
+        for b, row in enumerate(host):
+            length, differ, path, bonus = row[0], row[1], row[2:-1], row[-1]
+            committed.append(path[1:length] + [bonus])
+            if finished[b]:
+                emitted.append([])
+                continue
+            stats.record(length - 1, differ)
+            emitted.append(self._emit(generated[b], committed[b], max_new_tokens))
+            finished[b] = self._ends(generated[b], max_new_tokens)
+        return emitted, committed
 
     def _ends(self, row: list[int], max_new_tokens: int) -> bool:
         return len(row) >= max_new_tokens or (bool(row) and row[-1] in self.eos_token_ids)
