@@ -239,3 +239,15 @@ def test_mixed_precision_pair_with_adapter():
     out = sd.SpeculativeDecoder(target=target, draft=DRAFTS["unrelated"], adapter=adapter,
                                 tree=TREES["static"]).generate(ids, 10, attention_mask=mask)
     assert torch.equal(out.sequences, expected)
+
+
+@pytest.mark.parametrize("tree", ["chain4", "dynamic"])
+def test_every_backend_runs_the_loop(backend, tree):
+    """The loop's ops (tree verification, KV compaction on the preallocated cache's sliced view, the fused
+    adapter) forced onto each backend present, Triton under the interpreter included."""
+    ids, mask = left_padded_prompts([4, 6], 13)
+    adapter = sd.BottleneckAdapter(64, 16)
+    torch.nn.init.normal_(adapter.up.weight, std=0.02)
+    out = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], adapter=adapter, tree=TREES[tree]).generate(
+        ids, 10, attention_mask=mask)
+    assert torch.equal(out.sequences, reference(ids, mask, 10))
