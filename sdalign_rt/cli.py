@@ -55,7 +55,7 @@ def _generate(args) -> int:
                if args.adapter else None)
     decoder = sd.SpeculativeDecoder(target=target, draft=draft, adapter=adapter, mode=args.mode,
                                     tree=sd.TreeSpec.parse(args.tree), feature_threshold=args.threshold,
-                                    pad_token_id=tokenizer.pad_token_id)
+                                    draft_layers=args.draft_layers, pad_token_id=tokenizer.pad_token_id)
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True).to(args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     out = decoder.generate(batch.input_ids, args.max_new_tokens, attention_mask=batch.attention_mask,
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "dynamic:TOP_K,DEPTH,TOTAL (default chain:4)")
     gen.add_argument("--mode", default="greedy", choices=["greedy", "sample", "feature"])
     gen.add_argument("--threshold", type=float, default=0.9, help="feature mode's cosine threshold")
+    gen.add_argument("--draft-layers", type=int, default=None,
+                     help="draft from the drafter's first K decoder layers only (shallow drafting)")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=1.0)

@@ -27,6 +27,7 @@ from sdalign_rt import checks, ops
 from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.model_runner import ModelRunner
 from sdalign_rt.sampling import check_sampling_args, warped_probs
+from sdalign_rt.shallow import shallow_view
 from sdalign_rt.trees import TreeSpec, ancestor_closure, select_dynamic_tree
 
 MODES = ("greedy", "sample", "feature")
@@ -54,14 +55,15 @@ class SpeculativeDecoder:
                  eos_token_id=None, pad_token_id: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if draft_layers is not None:
-            raise NotImplementedError("draft_layers (shallow drafting) is not implemented yet")
         tree = tree if tree is not None else TreeSpec.chain(4)
         if not isinstance(tree, TreeSpec):
             raise ValueError(f"tree must be a TreeSpec, got {type(tree).__name__}")
         self.target, self.draft, self.adapter, self.mode, self.tree = target, draft, adapter, mode, tree
         self.feature_threshold = checks.threshold(feature_threshold)
         self._check_pair()
+        # Shallow drafting: the drafter runs its first draft_layers layers only (a weight-sharing view).
+        self.draft_layers = draft_layers
+        self._draft_runner_model = shallow_view(draft, draft_layers) if draft_layers is not None else draft
         config = getattr(target, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
         self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
@@ -92,9 +94,13 @@ class SpeculativeDecoder:
             raise ValueError(f"vocab mismatch: the drafter embeds {_vocab_size(self.draft, 'input')} token ids but "
                              f"the verifier emits {target_vocab}")
 
-    def _draft_logits(self, logits: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    def _draft_logits(self, logits: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Draft scores: the drafter's own head (plain; a shallow drafter's layer-k state goes through its final
+        norm first), or the verifier's head on the adapted state (aligned)."""
         if self.adapter is None:
-            return logits
+            if self.draft_layers is None:
+                return logits
+            return self.draft.get_output_embeddings()(self.draft.get_decoder().norm(hidden))
         head = self.target.get_output_embeddings()
         return head(self.adapter(hidden).to(head.weight.dtype))
 
@@ -134,7 +140,10 @@ class SpeculativeDecoder:
         # Capacity for the common case (rows accept alike); the caches double if garbage slots outgrow it.
         slack = max_new_tokens + self.tree.num_nodes + 2 * (self.tree.depth + 1)
         verifier = ModelRunner(self.target, batch, device, capacity=input_ids.shape[1] + slack)
-        drafter = ModelRunner(self.draft, batch, device, capacity=draft_input_ids.shape[1] + slack)
+        drafter = ModelRunner(self._draft_runner_model, batch, device, capacity=draft_input_ids.shape[1] + slack)
+        if self.draft_layers is not None and draft_inputs:
+            raise NotImplementedError("shallow drafting runs the drafter's decoder stack on token ids; media "
+                                      "inputs (draft_inputs) for a shallow drafter are not supported yet")
         with ops.value_checks(False):
             target_logits, _ = verifier.prefill(input_ids, attention_mask, **(target_inputs or {}))
             drafter.prefill(draft_input_ids, draft_attention_mask, hidden=aligned, **(draft_inputs or {}))
@@ -185,12 +194,12 @@ class SpeculativeDecoder:
     def _draft_tree(self, drafter: ModelRunner, pending, pending_valid, root, aligned):
         """Draft this step's tree. Returns a _Draft (tokens[B, N] with node 0 = root, parents, masks, depths).
         The drafter's cache ends holding committed tokens only."""
-        hidden_needed = aligned or self.mode == "feature"
+        hidden_needed = aligned or self.mode == "feature" or self.draft_layers is not None
         logits, hidden = self._feed_pending(drafter, pending, pending_valid, hidden_needed)
         committed = drafter.length
         root_pos = drafter.next_positions() - 1
         root_hidden = hidden[:, -1:] if hidden_needed else None
-        root_logits = self._draft_logits(logits[:, -1:], root_hidden)[:, 0]
+        root_logits = self._draft_logits(None if logits is None else logits[:, -1:], root_hidden)[:, 0]
         if self.tree.is_static:
             draft = self._draft_static(drafter, root, root_logits, root_hidden, committed, root_pos)
         else:

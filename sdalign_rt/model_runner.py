@@ -40,7 +40,8 @@ class ModelRunner:
         block_mask[B, K, K]: which block tokens each token sees (itself included). past_mask[B, K, S]: which
         cached slots it sees (default: the row's valid slots). token_valid[B, K]: slots to mark valid after
         the call (default: all). Invalid queries still see themselves, so no softmax row is empty.
-        Returns (logits[B, K, V], last hidden state[B, K, D] or None).
+        Returns (logits[B, K, V], last hidden state[B, K, D] or None); a model without an LM head (a
+        shallow-drafting view) returns (None, last hidden state).
         """
         batch, k = tokens.shape
         if past_mask is None:
@@ -55,7 +56,10 @@ class ModelRunner:
         if token_valid is None:
             token_valid = torch.ones(batch, k, dtype=torch.bool, device=tokens.device)
         self.valid = torch.cat([self.valid, token_valid], dim=1)
-        return out.logits, (out.hidden_states[-1] if hidden else None)
+        logits = getattr(out, "logits", None)
+        if logits is None:  # a decoder stack (shallow drafting view): no head, its last state is the output
+            return None, out.last_hidden_state
+        return logits, (out.hidden_states[-1] if hidden else None)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False, **model_inputs):
         """The prompt, left-padded: causal within the block, padding masked out, positions from 0 per row."""

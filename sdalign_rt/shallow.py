@@ -1,0 +1,33 @@
+"""Shallow (early-exit) drafting: a view of a model's first k decoder layers that shares every weight.
+
+The view is the model's decoder stack (`get_decoder()`: LlamaModel for LlamaForCausalLM, the language model
+inside Llava / Video-LLaVA) with its layer list cut to k and its final norm replaced by the identity, so its
+last hidden state is the raw output of layer k, i.e. the full model's output_hidden_states[k]. Nothing is
+copied: the view holds the same parameter tensors, and a cache built from its config holds k layers.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+
+def num_decoder_layers(model) -> int:
+    return len(model.get_decoder().layers)
+
+
+def shallow_view(model, k: int):
+    """The first k decoder layers of `model` as a module returning raw layer-k hidden states."""
+    decoder = model.get_decoder()
+    total = len(decoder.layers)
+    if not isinstance(k, int) or not 1 <= k <= total:
+        raise ValueError(f"draft_layers must be an int in [1, {total}] (the drafter's decoder layers), got {k!r}")
+    view = copy.copy(decoder)
+    view._modules = dict(decoder._modules)  # a copy.copy shares this dict: give the view its own
+    view.layers = nn.ModuleList(list(decoder.layers)[:k])
+    view.norm = nn.Identity()
+    view.config = copy.copy(decoder.config)
+    view.config.num_hidden_layers = k
+    if getattr(view.config, "layer_types", None) is not None:
+        view.config.layer_types = list(view.config.layer_types)[:k]
+    return view

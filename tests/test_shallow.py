@@ -1,0 +1,69 @@
+"""Shallow drafting (draft_layers=k): the view shares weights, returns layer-k states, keeps a k-layer cache,
+and decoding through it stays lossless."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import sdalign_rt as sd  # noqa: E402
+from sdalign_rt.model_runner import ModelRunner  # noqa: E402
+from sdalign_rt.shallow import shallow_view  # noqa: E402
+from test_decoder import TREES, left_padded_prompts, tiny_llama  # noqa: E402
+
+TARGET4 = tiny_llama(0, layers=4)
+
+
+def generate_reference(ids, mask, new):
+    return TARGET4.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_view_returns_layer_k_states_and_shares_weights(k):
+    ids = torch.randint(1, 90, (2, 7), generator=torch.Generator().manual_seed(k))
+    view = shallow_view(TARGET4, k)
+    with torch.no_grad():
+        full = TARGET4(ids, output_hidden_states=True).hidden_states
+        mine = view(input_ids=ids).last_hidden_state
+    if k < 4:
+        torch.testing.assert_close(mine, full[k], rtol=0, atol=1e-6)
+    else:  # the last entry of hidden_states is the normed final state
+        torch.testing.assert_close(TARGET4.model.norm(mine), full[4], rtol=0, atol=1e-6)
+    own = {p.data_ptr() for p in TARGET4.parameters()}
+    assert all(p.data_ptr() in own for p in view.parameters())  # no copy
+    assert len(TARGET4.model.layers) == 4 and TARGET4.config.num_hidden_layers == 4  # the model is untouched
+    runner = ModelRunner(view, 2, torch.device("cpu"))
+    assert runner.cache.num_layers == k  # a k-layer KV cache
+
+
+@pytest.mark.parametrize("tree", ["chain4", "static", "dynamic"])
+@pytest.mark.parametrize("lengths", [[5], [6, 3]])
+def test_self_speculative_first_layer_is_lossless(tree, lengths):
+    ids, mask = left_padded_prompts(lengths, len(lengths))
+    out = sd.SpeculativeDecoder(target=TARGET4, draft=TARGET4, tree=TREES[tree], draft_layers=1).generate(
+        ids, 18, attention_mask=mask)
+    assert torch.equal(out.sequences, generate_reference(ids, mask, 18))
+
+
+@pytest.mark.parametrize("mode", ["greedy", "feature"])
+def test_aligned_shallow_drafting(mode):
+    ids, mask = left_padded_prompts([4, 7], 3)
+    adapter = sd.BottleneckAdapter(64, 16)
+    torch.nn.init.normal_(adapter.up.weight, std=0.02)
+    decoder = sd.SpeculativeDecoder(target=TARGET4, draft=TARGET4, adapter=adapter, tree=TREES["static"],
+                                    draft_layers=2, mode=mode, feature_threshold=1.5)
+    assert torch.equal(decoder.generate(ids, 15, attention_mask=mask).sequences, generate_reference(ids, mask, 15))
+
+
+def test_full_depth_view_drafts_like_the_model_itself():
+    """k = all layers: norm + head on the raw last state are the model's own logits: every draft accepted."""
+    ids, mask = left_padded_prompts([5, 5], 4)
+    spec = TREES["chain4"]
+    out = sd.SpeculativeDecoder(target=TARGET4, draft=TARGET4, tree=spec, draft_layers=4).generate(
+        ids, 1 + 2 * (spec.depth + 1), attention_mask=mask)
+    assert out.stats["mean_accepted"] == spec.depth + 1
+
+
+@pytest.mark.parametrize("k", [0, 5, "2", 1.0])
+def test_out_of_range(k):
+    with pytest.raises(ValueError, match=r"draft_layers must be an int in \[1, 4\]"):
+        sd.SpeculativeDecoder(target=TARGET4, draft=TARGET4, draft_layers=k)
