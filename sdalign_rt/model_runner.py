@@ -19,8 +19,7 @@ class ModelRunner:
     def __init__(self, model, batch: int, device, capacity: int = 1024):
         self.model = model
         self.cache = _new_cache(model, capacity)
-        # transformers renamed past_key_values to cache (5.2x); older releases only know the first name.
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_arg = _cache_keyword(model)
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self.dtype = next(model.parameters()).dtype
 
@@ -85,6 +84,20 @@ class ModelRunner:
         self.crop(tree_start + longest)
         steps = torch.arange(longest, device=accept_len.device)
         self.valid[:, tree_start:] = steps[None, :] < accept_len[:, None]
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed past_key_values to cache (5.2x); older releases only know the first name. A
+    subclass forward taking **kwargs hides it, so look up the class hierarchy for the first that names one."""
+    for cls in type(model).__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is None:
+            continue
+        parameters = inspect.signature(forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in parameters:
+                return name
+    return "past_key_values"
 
 
 def _new_cache(model, capacity: int):
