@@ -4,6 +4,7 @@ from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.decoder import GenerateOutput, SpeculativeDecoder
 from sdalign_rt.tree_masks import TreeMasks
 from sdalign_rt.trees import TreeSpec, select_dynamic_tree
+from sdalign_rt.vocab import VocabMap
 
 __version__ = "0.1.0"
-__all__ = ["ops", "BottleneckAdapter", "SpeculativeDecoder", "GenerateOutput", "TreeMasks", "TreeSpec", "select_dynamic_tree", "__version__"]
+__all__ = ["ops", "BottleneckAdapter", "SpeculativeDecoder", "GenerateOutput", "TreeMasks", "TreeSpec", "select_dynamic_tree", "VocabMap", "__version__"]

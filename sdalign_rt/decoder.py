@@ -29,6 +29,7 @@ from sdalign_rt.model_runner import ModelRunner
 from sdalign_rt.sampling import check_sampling_args, warped_probs
 from sdalign_rt.shallow import shallow_view
 from sdalign_rt.trees import TreeSpec, ancestor_closure, select_dynamic_tree
+from sdalign_rt.vocab import VocabMap
 
 MODES = ("greedy", "sample", "feature")
 BUILT_MODES = MODES
@@ -52,13 +53,14 @@ def _hidden_size(model) -> int:
 class SpeculativeDecoder:
     def __init__(self, target, draft, adapter: BottleneckAdapter | None = None, mode: str = "greedy",
                  tree: TreeSpec | None = None, feature_threshold: float = 0.9, draft_layers: int | None = None,
-                 eos_token_id=None, pad_token_id: int | None = None):
+                 eos_token_id=None, pad_token_id: int | None = None, vocab_map: VocabMap | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         tree = tree if tree is not None else TreeSpec.chain(4)
         if not isinstance(tree, TreeSpec):
             raise ValueError(f"tree must be a TreeSpec, got {type(tree).__name__}")
         self.target, self.draft, self.adapter, self.mode, self.tree = target, draft, adapter, mode, tree
+        self.vocab_map = vocab_map
         self.feature_threshold = checks.threshold(feature_threshold)
         self._check_pair()
         # Shallow drafting: the drafter runs its first draft_layers layers only (a weight-sharing view).
@@ -75,12 +77,19 @@ class SpeculativeDecoder:
 
     def _check_pair(self):
         target_vocab = _vocab_size(self.target, "output")
-        if self.adapter is None:
+        if self.vocab_map is not None:
+            if not isinstance(self.vocab_map, VocabMap):
+                raise ValueError(f"vocab_map must be a VocabMap, got {type(self.vocab_map).__name__}")
+            sizes = (len(self.vocab_map.to_draft), len(self.vocab_map.to_target))
+            if sizes != (target_vocab, _vocab_size(self.draft, "input")):
+                raise ValueError(f"vocab_map covers {sizes[0]} verifier / {sizes[1]} drafter ids, but the models "
+                                 f"have {target_vocab} / {_vocab_size(self.draft, 'input')}")
+        elif self.adapter is None:
             draft_vocab = _vocab_size(self.draft, "output")
             if draft_vocab != target_vocab:
                 raise ValueError(f"vocab mismatch: the drafter's LM head has {draft_vocab} tokens and the verifier's "
-                                 f"{target_vocab}; plain drafting needs one vocabulary (or an adapter)")
-        else:
+                                 f"{target_vocab}; plain drafting needs one vocabulary, a vocab_map, or an adapter")
+        if self.adapter is not None:
             if not isinstance(self.adapter, BottleneckAdapter):
                 raise ValueError(f"adapter must be a BottleneckAdapter, got {type(self.adapter).__name__}")
             draft_hidden, target_hidden = _hidden_size(self.draft), _hidden_size(self.target)
@@ -90,17 +99,29 @@ class SpeculativeDecoder:
         if self.mode == "feature" and self.adapter is None and _hidden_size(self.draft) != _hidden_size(self.target):
             raise ValueError(f"feature mode compares hidden states: the drafter's ({_hidden_size(self.draft)}) and the "
                              f"verifier's ({_hidden_size(self.target)}) sizes differ, so it needs an adapter")
-        if _vocab_size(self.draft, "input") < target_vocab:
+        if self.vocab_map is None and _vocab_size(self.draft, "input") < target_vocab:
             raise ValueError(f"vocab mismatch: the drafter embeds {_vocab_size(self.draft, 'input')} token ids but "
-                             f"the verifier emits {target_vocab}")
+                             f"the verifier emits {target_vocab}; pass a vocab_map")
+
+    def _to_draft_ids(self, target_ids: torch.Tensor) -> torch.Tensor:
+        if self.vocab_map is None:
+            return target_ids
+        return self._device_map(target_ids.device).draft_ids(target_ids)
+
+    def _device_map(self, device) -> VocabMap:
+        if self.vocab_map.to_draft.device != device:
+            self.vocab_map = self.vocab_map.to(device)
+        return self.vocab_map
 
     def _draft_logits(self, logits: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
         """Draft scores: the drafter's own head (plain; a shallow drafter's layer-k state goes through its final
         norm first), or the verifier's head on the adapted state (aligned)."""
         if self.adapter is None:
-            if self.draft_layers is None:
-                return logits
-            return self.draft.get_output_embeddings()(self.draft.get_decoder().norm(hidden))
+            if self.draft_layers is not None:
+                logits = self.draft.get_output_embeddings()(self.draft.get_decoder().norm(hidden))
+            if self.vocab_map is not None:  # the drafter's vocabulary lifted into the verifier's
+                logits = self._device_map(logits.device).target_scores(logits, len(self.vocab_map.to_draft))
+            return logits
         head = self.target.get_output_embeddings()
         return head(self.adapter(hidden).to(head.weight.dtype))
 
@@ -126,8 +147,8 @@ class SpeculativeDecoder:
         device = input_ids.device
         if attention_mask is None:
             attention_mask = self._infer_attention_mask(input_ids)
-        if draft_input_ids is None:
-            draft_input_ids, draft_attention_mask = input_ids, attention_mask
+        if draft_input_ids is None:  # the verifier's prompt, in the drafter's ids
+            draft_input_ids, draft_attention_mask = self._to_draft_ids(input_ids), attention_mask
         elif draft_attention_mask is None:
             draft_attention_mask = self._infer_attention_mask(draft_input_ids)
         if draft_input_ids.shape[0] != batch:
@@ -188,7 +209,7 @@ class SpeculativeDecoder:
         k = pending.shape[1]
         causal = torch.ones(k, k, dtype=torch.bool, device=pending.device).tril()
         positions = drafter.next_positions()[:, None] + (pending_valid.long().cumsum(-1) - 1).clamp(min=0)
-        return drafter.forward(pending, causal[None] & pending_valid[:, None, :], positions,
+        return drafter.forward(self._to_draft_ids(pending), causal[None] & pending_valid[:, None, :], positions,
                                token_valid=pending_valid, hidden=hidden)
 
     def _draft_tree(self, drafter: ModelRunner, pending, pending_valid, root, aligned):
@@ -229,7 +250,8 @@ class SpeculativeDecoder:
             past = torch.cat([drafter.valid[:, None, :committed].expand(batch, width, committed),
                               plan.ancestors[nodes][:, 1:int(nodes[0])][None].expand(batch, -1, -1)], dim=-1)
             alone = torch.zeros(batch, width, width, dtype=torch.bool, device=device)
-            logits, hidden = drafter.forward(tokens[:, nodes], alone, (root_pos + depth)[:, None].expand(-1, width),
+            logits, hidden = drafter.forward(self._to_draft_ids(tokens[:, nodes]), alone,
+                                             (root_pos + depth)[:, None].expand(-1, width),
                                              past_mask=past, hidden=node_hidden is not None)
             level_logits.append(self._draft_logits(logits, hidden))
             if node_hidden is not None:
@@ -261,7 +283,7 @@ class SpeculativeDecoder:
             past = torch.cat([drafter.valid[:, None, :committed].expand(batch, k, committed),
                               ancestors[..., :filled]], dim=-1)
             alone = torch.zeros(batch, k, k, dtype=torch.bool, device=device)
-            logits, hidden = drafter.forward(tokens, alone, (root_pos + level)[:, None].expand(-1, k),
+            logits, hidden = drafter.forward(self._to_draft_ids(tokens), alone, (root_pos + level)[:, None].expand(-1, k),
                                              past_mask=past, hidden=hidden_needed)
             child_logp, child_tokens = self._draft_logits(logits, hidden).float().log_softmax(-1).topk(k, dim=-1)
             level_start = scores.shape[1]
