@@ -4,7 +4,7 @@ The committed text is in the verifier's ids; the drafter reads it through `to_dr
 (the drafter's own LM head) are lifted into the verifier's ids through `to_target`. Tokens a side lacks map
 to -1: the drafter reads its `unknown_id` there, and the verifier never sees such a draft. Built from the two
 tokenizers' vocabularies, it refuses pairs that disagree on ids both have (EventGPT's LLaMA tokenizer plus
-event tokens vs Video-LLaVA's 32064: the first 32000 must be the same tokens).
+event tokens vs Video-LLaVA's 32064: the LLaMA tokens must keep their ids; the added tokens may differ).
 """
 from __future__ import annotations
 
@@ -22,16 +22,14 @@ class VocabMap:
     @classmethod
     def from_vocabularies(cls, draft_vocab: dict[str, int], target_vocab: dict[str, int], draft_size: int,
                           target_size: int, unknown_id: int = 0, check_shared: bool = True) -> "VocabMap":
-        """Map by token string. check_shared: every id below both vocabularies' sizes must be the same token."""
-        draft_by_id = {i: t for t, i in draft_vocab.items()}
-        target_by_id = {i: t for t, i in target_vocab.items()}
+        """Map by token string. check_shared: a token both vocabularies hold must have one id in both (tokens only
+        one side has, like EventGPT's event tokens and Video-LLaVA's <video>, may reuse each other's ids)."""
         if check_shared:
-            shared = set(draft_by_id) & set(target_by_id)
-            disagree = sorted(i for i in shared if draft_by_id[i] != target_by_id[i])
+            disagree = sorted(t for t in draft_vocab.keys() & target_vocab.keys() if draft_vocab[t] != target_vocab[t])
             if disagree:
-                i = disagree[0]
-                raise ValueError(f"the vocabularies disagree on {len(disagree)} shared ids (e.g. id {i}: drafter "
-                                 f"{draft_by_id[i]!r}, verifier {target_by_id[i]!r}); they cannot be paired")
+                t = disagree[0]
+                raise ValueError(f"the vocabularies disagree on {len(disagree)} shared tokens (e.g. {t!r}: drafter id "
+                                 f"{draft_vocab[t]}, verifier id {target_vocab[t]}); they cannot be paired")
         to_draft = torch.full((target_size,), -1, dtype=torch.long)
         to_target = torch.full((draft_size,), -1, dtype=torch.long)
         for token, i in target_vocab.items():

@@ -16,13 +16,21 @@ def names(size, order=None):
 def test_shared_ids_must_agree():
     draft = {"<unk>": 0, "a": 1, "b": 2}
     target = {"<unk>": 0, "b": 1, "a": 2, "c": 3}
-    with pytest.raises(ValueError, match="disagree on 2 shared ids"):
+    with pytest.raises(ValueError, match="disagree on 2 shared tokens"):
         sd.VocabMap.from_vocabularies(draft, target, 3, 4)
     mapping = sd.VocabMap.from_vocabularies(draft, target, 3, 4, check_shared=False)
     assert mapping.to_draft.tolist() == [0, 2, 1, -1] and mapping.to_target.tolist() == [0, 2, 1]
     assert mapping.draft_ids(torch.tensor([3, 1])).tolist() == [0, 2]  # unmapped -> unknown id
     scores = mapping.target_scores(torch.tensor([[0.5, 1.0, 2.0]]), 4)
     assert scores[0, :3].tolist() == [0.5, 2.0, 1.0] and scores[0, 3] == float("-inf")
+
+
+def test_added_tokens_may_share_ids():
+    """Each side's own added tokens on the same ids (event tokens vs <image>/<video>) are not a conflict."""
+    base = {"<unk>": 0, "a": 1, "b": 2}
+    mapping = sd.VocabMap.from_vocabularies({**base, "<ev_start>": 3, "<ev_end>": 4}, {**base, "<image>": 3,
+                                            "<video>": 4}, 5, 6)
+    assert mapping.to_draft.tolist() == [0, 1, 2, -1, -1, -1] and mapping.to_target.tolist() == [0, 1, 2, -1, -1]
 
 
 @pytest.mark.parametrize("tree", ["chain4", "dynamic"])
