@@ -71,6 +71,53 @@ def _generate(args) -> int:
     return 0
 
 
+def _pair_check(args) -> int:
+    import tempfile
+
+    import torch
+
+    import sdalign_rt as sd
+    from sdalign_rt.models.pair import PairSample, load_pair, save_tiny_pair, synthetic_sample
+
+    workdir = args.dir or tempfile.mkdtemp(prefix="sdalign-pair-")
+    if args.tiny:
+        drafter_path, verifier_path = save_tiny_pair(workdir, seed=args.seed)
+        sample = synthetic_sample(workdir, seed=args.seed)
+        dtype = torch.float32
+    else:
+        missing = [n for n in ("drafter", "verifier", "events", "video") if getattr(args, n) is None]
+        if missing:
+            raise SystemExit(f"sdalign-rt pair-check: without --tiny, give --{' --'.join(missing)}")
+        drafter_path, verifier_path = args.drafter, args.verifier
+        sample = PairSample(events=args.events, frames=args.video, question=args.question)
+        dtype = getattr(torch, args.dtype)
+    pair = load_pair(drafter_path, verifier_path, load_in_4bit=args.load_in_4bit, dtype=dtype,
+                     device_map=args.device_map)
+    inputs = pair.prepare(sample)
+    adapter = (sd.BottleneckAdapter.from_pretrained(args.adapter, dtype=dtype, device=pair.drafter.device)
+               if args.adapter else None)
+    decoder = pair.decoder(adapter=adapter, tree=sd.TreeSpec.parse(args.tree), draft_layers=args.draft_layers)
+    out = decoder.generate(inputs.input_ids, args.max_new_tokens, **inputs.generate_kwargs())
+    expected = pair.verifier.generate(inputs.input_ids, attention_mask=inputs.attention_mask,
+                                      max_new_tokens=args.max_new_tokens, do_sample=False,
+                                      pad_token_id=decoder.pad_token_id, **inputs.target_inputs)
+    width = min(out.sequences.shape[1], expected.shape[1])
+    report = {
+        "lossless": bool(out.sequences.shape == expected.shape and torch.equal(out.sequences, expected)),
+        "new_tokens": int(out.sequences.shape[1] - inputs.input_ids.shape[1]),
+        "first_difference": next((int(i) for i in range(width) if out.sequences[0, i] != expected[0, i]), None),
+        "tree": args.tree, "draft_layers": args.draft_layers, "tiny": args.tiny,
+        "mean_accepted": out.stats["mean_accepted"], "acceptance_rate": out.stats["acceptance_rate"],
+        "steps": out.stats["steps"], "timings": out.stats["timings"],
+        "drafter": drafter_path, "verifier": verifier_path,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["lossless"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdalign-rt", description="Speculative decoding between different "
                                      "multimodal models: runtime and tools.")
@@ -98,6 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--json", default=None, help="also write texts and stats here")
     gen.set_defaults(run=_generate)
+
+    pair = commands.add_parser("pair-check", help="EventGPT drafts for Video-LLaVA on one sample; checks the output "
+                               "equals the verifier's own greedy output (JSON with 'lossless')")
+    pair.add_argument("--tiny", action="store_true", help="tiny random checkpoints and a synthetic sample")
+    pair.add_argument("--dir", default=None, help="where --tiny writes its checkpoints and sample")
+    pair.add_argument("--drafter", help="EventGPT checkpoint directory")
+    pair.add_argument("--verifier", help="Video-LLaVA checkpoint directory (transformers layout)")
+    pair.add_argument("--events", help="event .npy file (pickled dict x, y, p, t)")
+    pair.add_argument("--video", help="the matching RGB clip (mp4)")
+    pair.add_argument("--question", default="What are the key elements in this scene?")
+    pair.add_argument("--adapter", default=None, help="BottleneckAdapter directory (aligned drafting)")
+    pair.add_argument("--tree", default="chain:4")
+    pair.add_argument("--draft-layers", type=int, default=None)
+    pair.add_argument("--max-new-tokens", type=int, default=32)
+    pair.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4")
+    pair.add_argument("--dtype", default="float16", choices=["float32", "bfloat16", "float16"])
+    pair.add_argument("--device-map", default=None, help='accelerate device map, e.g. "auto"')
+    pair.add_argument("--seed", type=int, default=0)
+    pair.add_argument("--json", default=None)
+    pair.set_defaults(run=_pair_check)
     return parser
 
 

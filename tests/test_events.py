@@ -98,3 +98,16 @@ def test_out_of_range_for_the_sensor_and_missing_files(tmp_path):
         ev.load_events(str(tmp_path / "bad.npy"))
     with pytest.raises(ValueError, match="cannot cut 3 events into 5 parts"):
         ev.render_event_images({"x": [0, 1, 2], "y": [0, 0, 0], "p": [0, 1, 0], "t": [0, 1, 2]}, parts=5)
+
+
+@settings(max_examples=20)
+@given(stream=streams(), parts=st.integers(1, 5))
+def test_torch_path_matches(stream, parts):
+    """The device (GPU) path gives the numpy path's images; run on CPU here, on CUDA when present."""
+    import torch
+
+    if len(stream["x"]) < parts:
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for a, b in zip(ev.render_event_images_torch(stream, parts, device=device), ev.render_event_images(stream, parts)):
+        assert np.array_equal(a.cpu().numpy(), b)

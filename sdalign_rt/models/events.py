@@ -95,3 +95,30 @@ def render_event_images(events: dict, parts: int = 5, sensor_size: tuple[int, in
         flat[pixel[last]] = np.where(positive[last, None], POSITIVE, NEGATIVE)
         images.append(image)
     return images
+
+
+def render_event_images_torch(events: dict, parts: int = 5, sensor_size: tuple[int, int] | None = None,
+                              device="cuda"):
+    """render_event_images on a torch device (the GPU path): the same images, as uint8 tensors [H, W, 3].
+
+    The last event at a pixel is found with a scatter-max of event indices instead of numpy's unique.
+    """
+    import torch
+
+    events = validate_events(events, sensor_size)
+    x = torch.as_tensor(events["x"], device=device)
+    y = torch.as_tensor(events["y"], device=device)
+    positive = torch.as_tensor(events["p"], device=device)
+    colours = torch.tensor([[0, 0, 255], [255, 0, 0]], dtype=torch.uint8, device=device)  # negative, positive
+    images = []
+    for chunk in split_equal_count(len(events["x"]), parts):
+        cx, cy, cp = x[chunk], y[chunk], positive[chunk]
+        height, width = sensor_size if sensor_size is not None else (int(cy.max()) + 1, int(cx.max()) + 1)
+        pixel = cy * width + cx
+        last = torch.full((height * width,), -1, dtype=torch.long, device=device)
+        last.scatter_reduce_(0, pixel, torch.arange(len(pixel), device=device), reduce="amax")
+        hit = last >= 0
+        image = torch.full((height * width, 3), 255, dtype=torch.uint8, device=device)
+        image[hit] = colours[cp[last[hit]].long()]
+        images.append(image.view(height, width, 3))
+    return images
