@@ -9,9 +9,9 @@ import torch
 pytest.importorskip("transformers")
 
 import sdalign_rt as sd  # noqa: E402
-import sdalign_rt.models.pair  # noqa: E402,F401
+
 from sdalign_rt import cli  # noqa: E402
-from sdalign_rt.models.pair import load_pair, save_tiny_pair, synthetic_sample  # noqa: E402
+from sdalign_rt.models import PairSample, load_pair, save_tiny_pair, synthetic_sample  # noqa: E402
 from test_decoder import TREES  # noqa: E402
 
 
@@ -98,9 +98,9 @@ def test_bad_input(tiny, tmp_path):
         load_pair(str(tmp_path / "missing"), verifier_dir)
     pair = load_pair(drafter_dir, verifier_dir, dtype=torch.float32)
     with pytest.raises(FileNotFoundError, match="event file"):
-        pair.prepare(sd.models.pair.PairSample(events=str(tmp_path / "none.npy"), frames=sample.frames))
+        pair.prepare(PairSample(events=str(tmp_path / "none.npy"), frames=sample.frames))
     with pytest.raises(ValueError, match="t is not sorted"):
-        pair.prepare(sd.models.pair.PairSample(events={"x": [1, 2, 3, 4, 5], "y": [0] * 5, "p": [0, 1, 0, 1, 0],
+        pair.prepare(PairSample(events={"x": [1, 2, 3, 4, 5], "y": [0] * 5, "p": [0, 1, 0, 1, 0],
                                                        "t": [5, 4, 3, 2, 1]}, frames=sample.frames))
 
 

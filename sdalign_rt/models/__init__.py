@@ -1,13 +1,21 @@
 """The real pair's model-side code: EventGPT (drafter) and Video-LLaVA (verifier) inputs and loaders."""
-from sdalign_rt.models.events import load_events, render_event_images, split_equal_count, validate_events
+from sdalign_rt.models.events import (load_events, render_event_images, render_event_images_torch, split_equal_count,
+                                      validate_events)
+from sdalign_rt.models.video import load_video_frames, sample_frame_indices
 
-__all__ = ["load_events", "render_event_images", "split_equal_count", "validate_events", "EventGPTConfig",
-           "EventGPTForCausalLM", "expand_event_placeholder"]
+_LAZY = {  # these import transformers: load them on first use
+    "EventGPTConfig": "eventgpt", "EventGPTForCausalLM": "eventgpt", "expand_event_placeholder": "eventgpt",
+    "EVENT_TOKEN_INDEX": "eventgpt", "load_pair": "pair", "save_tiny_pair": "pair", "synthetic_sample": "pair",
+    "Pair": "pair", "PairSample": "pair", "PairInputs": "pair",
+}
+
+__all__ = ["load_events", "render_event_images", "render_event_images_torch", "split_equal_count",
+           "validate_events", "load_video_frames", "sample_frame_indices", *_LAZY]
 
 
-def __getattr__(name):  # the model classes import transformers: load them on first use
-    if name in ("EventGPTConfig", "EventGPTForCausalLM", "expand_event_placeholder", "EVENT_TOKEN_INDEX"):
-        from sdalign_rt.models import eventgpt
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-        return getattr(eventgpt, name)
-    raise AttributeError(name)
+        return getattr(importlib.import_module(f"sdalign_rt.models.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'sdalign_rt.models' has no attribute {name!r}")
