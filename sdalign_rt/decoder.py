@@ -27,7 +27,7 @@ from sdalign_rt import checks, ops
 from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.model_runner import ModelRunner
 from sdalign_rt.sampling import check_sampling_args, warped_probs
-from sdalign_rt.shallow import shallow_view
+from sdalign_rt.shallow import merged_input_embeddings, shallow_view
 from sdalign_rt.trees import TreeSpec, ancestor_closure, select_dynamic_tree
 from sdalign_rt.vocab import VocabMap
 
@@ -162,12 +162,14 @@ class SpeculativeDecoder:
         slack = max_new_tokens + self.tree.num_nodes + 2 * (self.tree.depth + 1)
         verifier = ModelRunner(self.target, batch, device, capacity=input_ids.shape[1] + slack)
         drafter = ModelRunner(self._draft_runner_model, batch, device, capacity=draft_input_ids.shape[1] + slack)
-        if self.draft_layers is not None and draft_inputs:
-            raise NotImplementedError("shallow drafting runs the drafter's decoder stack on token ids; media "
-                                      "inputs (draft_inputs) for a shallow drafter are not supported yet")
         with ops.value_checks(False):
             target_logits, _ = verifier.prefill(input_ids, attention_mask, **(target_inputs or {}))
-            drafter.prefill(draft_input_ids, draft_attention_mask, hidden=aligned, **(draft_inputs or {}))
+            draft_prefill_inputs = dict(draft_inputs or {})
+            if self.draft_layers is not None and draft_prefill_inputs:
+                # The k-layer view has no vision path: let the full drafter merge its media into the embeddings.
+                draft_prefill_inputs = {"inputs_embeds": merged_input_embeddings(
+                    self.draft, draft_input_ids, attention_mask=draft_attention_mask, **draft_prefill_inputs)}
+            drafter.prefill(draft_input_ids, draft_attention_mask, hidden=aligned, **draft_prefill_inputs)
             root = self._first_token(target_logits[:, -1])
             generated = [[int(t)] for t in root.tolist()]
             finished = [self._ends(row, max_new_tokens) for row in generated]

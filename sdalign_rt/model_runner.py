@@ -49,7 +49,11 @@ class ModelRunner:
         visible = torch.cat([past_mask, block_mask | own], dim=-1)
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device)
         bias.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        out = self.model(input_ids=tokens, attention_mask=bias[:, None], position_ids=positions,
+        if model_inputs.get("inputs_embeds") is not None:  # precomputed (media-merged) embeddings of the tokens
+            tokens_in = None
+        else:
+            tokens_in = tokens
+        out = self.model(input_ids=tokens_in, attention_mask=bias[:, None], position_ids=positions,
                          **{self._cache_arg: self.cache}, use_cache=True, output_hidden_states=hidden,
                          **model_inputs)
         if token_valid is None:

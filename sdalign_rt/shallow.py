@@ -31,3 +31,24 @@ def shallow_view(model, k: int):
     if getattr(view.config, "layer_types", None) is not None:
         view.config.layer_types = list(view.config.layer_types)[:k]
     return view
+
+
+class _Captured(Exception):
+    """Carries the first decoder layer's input out of a forward that need not go further."""
+
+
+def merged_input_embeddings(model, input_ids, **model_inputs):
+    """The hidden states `model`'s first decoder layer receives for this prompt: token embeddings with media
+    (event features, image or video features) merged in by the model's own code. The forward stops there,
+    so only the embedding and vision path runs; a shallow drafting view is then prefilled from these."""
+    def stop(module, args, kwargs):
+        raise _Captured(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    handle = model.get_decoder().layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, use_cache=False, **model_inputs)
+    except _Captured as captured:
+        return captured.args[0]
+    finally:
+        handle.remove()
+    raise RuntimeError("the model's forward never reached its first decoder layer")

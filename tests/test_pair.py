@@ -104,9 +104,10 @@ def test_bad_input(tiny, tmp_path):
                                                        "t": [5, 4, 3, 2, 1]}, frames=sample.frames))
 
 
-def test_pair_check_cli(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--draft-layers", "1"]])
+def test_pair_check_cli(tmp_path, capsys, extra):
     report = tmp_path / "pair.json"
     assert cli.main(["pair-check", "--tiny", "--dir", str(tmp_path), "--max-new-tokens", "10", "--tree",
-                     "dynamic:2,3,5", "--json", str(report)]) == 0
+                     "dynamic:2,3,5", "--json", str(report), *extra]) == 0
     assert json.loads(report.read_text())["lossless"] is True
     assert '"lossless": true' in capsys.readouterr().out

@@ -67,3 +67,41 @@ def test_full_depth_view_drafts_like_the_model_itself():
 def test_out_of_range(k):
     with pytest.raises(ValueError, match=r"draft_layers must be an int in \[1, 4\]"):
         sd.SpeculativeDecoder(target=TARGET4, draft=TARGET4, draft_layers=k)
+
+
+@pytest.mark.parametrize("tree", ["chain4", "dynamic"])
+def test_shallow_eventgpt_drafter_for_video_llava(tree):
+    """EventGPT's first layer drafts for Video-LLaVA: the events reach the k-layer view through the full
+    drafter's merged embeddings."""
+    from sdalign_rt.models.eventgpt import EVENT_TOKEN_INDEX, expand_event_placeholder
+    from test_decoder_vlm import VIDEO_TOKEN, VIDEO_TOKENS, prompt, tiny_video_llava
+    from test_eventgpt import IMAGES, SPATIAL, event_pixels, tiny_eventgpt
+
+    target, draft = tiny_video_llava(0), tiny_eventgpt(1)
+    ids, mask = prompt(VIDEO_TOKEN, VIDEO_TOKENS, 2)
+    video = torch.randn(2, 8, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    draft_ids = torch.stack([expand_event_placeholder(torch.tensor([1, 5, EVENT_TOKEN_INDEX, 8]), IMAGES + SPATIAL)] * 2)
+    expected = target.generate(ids, attention_mask=mask, pixel_values_videos=video, max_new_tokens=12, do_sample=False)
+    out = sd.SpeculativeDecoder(target=target, draft=draft, tree=TREES[tree], draft_layers=1).generate(
+        ids, 12, attention_mask=mask, draft_input_ids=draft_ids, target_inputs={"pixel_values_videos": video},
+        draft_inputs={"event_pixel_values": event_pixels(2, 5)})
+    assert torch.equal(out.sequences, expected)
+
+
+def test_shallow_llava_drafter_with_images_matches_its_own_layers():
+    """A Llava drafter cut to 1 layer: the prefill through merged embeddings gives the full model's layer-1
+    states, and decoding stays lossless."""
+    from sdalign_rt.shallow import merged_input_embeddings
+    from test_decoder_vlm import IMAGE_TOKEN, IMAGE_TOKENS, prompt, tiny_llava
+
+    target, draft = tiny_llava(0), tiny_llava(1)
+    ids, mask = prompt(IMAGE_TOKEN, IMAGE_TOKENS, 0)
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        embeds = merged_input_embeddings(draft, ids, attention_mask=mask, pixel_values=pixels)
+        full = draft(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(embeds, full[0])
+    expected = target.generate(ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=12, do_sample=False)
+    out = sd.SpeculativeDecoder(target=target, draft=draft, tree=TREES["static"], draft_layers=1).generate(
+        ids, 12, attention_mask=mask, target_inputs={"pixel_values": pixels}, draft_inputs={"pixel_values": pixels})
+    assert torch.equal(out.sequences, expected)
