@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import sdalign_rt as sd
+from sdalign_rt.models.tiny import finish_random_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TREES = {"chain:4": sd.TreeSpec.chain(4),
@@ -36,12 +37,7 @@ def llama(seed: int, hidden: int, layers: int, vocab: int = 8192):
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                          max_position_embeddings=1024, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return finish_random_model(LlamaForCausalLM(config))
 
 
 def drafters(target):

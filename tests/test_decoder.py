@@ -7,6 +7,7 @@ pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import sdalign_rt as sd  # noqa: E402
+from sdalign_rt.models.tiny import finish_random_model  # noqa: E402
 
 VOCAB = 96
 TREES = {
@@ -22,12 +23,7 @@ def tiny_llama(seed: int, hidden: int = 64, layers: int = 2, vocab: int = VOCAB)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          attn_implementation="eager")
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # random-init logits are nearly flat; a sharper head behaves more like a trained model
-        model.lm_head.weight.mul_(20.0)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return finish_random_model(LlamaForCausalLM(config))
 
 
 TARGET = tiny_llama(0)

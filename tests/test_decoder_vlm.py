@@ -7,6 +7,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
                           VideoLlavaConfig, VideoLlavaForConditionalGeneration)
 
 import sdalign_rt as sd  # noqa: E402
+from sdalign_rt.models.tiny import finish_random_model  # noqa: E402
 from test_decoder import TREES, VOCAB, tiny_llama  # noqa: E402
 
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -17,21 +18,12 @@ IMAGE_TOKEN, VIDEO_TOKEN = 95, 94
 IMAGE_TOKENS, VIDEO_TOKENS = 4, 40  # 2x2 patches (CLS dropped); 8 frames x (2x2 patches + CLS)
 
 
-def finish(model):
-    model.eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
 def tiny_llava(seed):
     torch.manual_seed(seed)
     config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT),
                          image_token_index=IMAGE_TOKEN)
     config._attn_implementation = "eager"
-    return finish(LlavaForConditionalGeneration(config))
+    return finish_random_model(LlavaForConditionalGeneration(config))
 
 
 def tiny_video_llava(seed):
@@ -39,7 +31,7 @@ def tiny_video_llava(seed):
     config = VideoLlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT),
                               video_token_index=VIDEO_TOKEN, image_token_index=IMAGE_TOKEN)
     config._attn_implementation = "eager"
-    return finish(VideoLlavaForConditionalGeneration(config))
+    return finish_random_model(VideoLlavaForConditionalGeneration(config))
 
 
 def prompt(media_token, count, seed, lengths=(3, 5)):

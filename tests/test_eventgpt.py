@@ -7,6 +7,7 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import sdalign_rt as sd  # noqa: E402
+from sdalign_rt.models.tiny import finish_random_model  # noqa: E402
 from sdalign_rt.models import events as ev  # noqa: E402
 from sdalign_rt.models.eventgpt import (EVENT_TOKEN_INDEX, EventGPTConfig, EventGPTForCausalLM,  # noqa: E402
                                         expand_event_placeholder)
@@ -22,12 +23,7 @@ def tiny_eventgpt(seed: int = 0) -> EventGPTForCausalLM:
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                             vision_config=VISION, mm_visual_tower="openai/clip-vit-large-patch14-336")
     config._attn_implementation = "eager"
-    model = EventGPTForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return finish_random_model(EventGPTForCausalLM(config))
 
 
 def event_pixels(batch: int, seed: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from sdalign_rt.decoder import SpeculativeDecoder
 from sdalign_rt.models.eventgpt import EVENT_TOKEN_INDEX, EventGPTConfig, EventGPTForCausalLM
 from sdalign_rt.models.events import load_events, render_event_images
+from sdalign_rt.models.tiny import finish_random_model
 from sdalign_rt.models.video import load_video_frames, write_video
 from sdalign_rt.vocab import VocabMap
 
@@ -205,10 +206,7 @@ def save_tiny_pair(directory: str, seed: int = 0, *, safe_serialization: bool = 
         vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(vocab_size=base + 8, **text),
         image_token_index=base, video_token_index=base + 1))
     for model in (drafter, verifier):
-        with torch.no_grad():  # random logits are near-ties; a sharper head behaves like a trained one
-            model.get_output_embeddings().weight.mul_(20.0)
-        model.generation_config.eos_token_id = 2
-        model.generation_config.pad_token_id = 0
+        finish_random_model(model, eos_token_id=2, pad_token_id=0)
     drafter_dir, verifier_dir = os.path.join(directory, "eventgpt"), os.path.join(directory, "video_llava")
     drafter.save_pretrained(drafter_dir)
     if not safe_serialization:
