@@ -118,6 +118,41 @@ def _pair_check(args) -> int:
     return 0 if report["lossless"] else 1
 
 
+def _read_prompts(path: str) -> list[str]:
+    """A prompt file: a JSON list of strings or of {"prompt": ...} objects, or one prompt per line."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"sdalign-rt: prompt file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".json"):
+        items = json.loads(text)
+        return [item["prompt"] if isinstance(item, dict) else str(item) for item in items]
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _extract(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sdalign_rt.extract import ExtractSample, extract_pairs
+
+    for name, path in (("--target", args.target), ("--draft", args.draft)):
+        if not os.path.isdir(path):
+            raise SystemExit(f"sdalign-rt extract: {name} {path!r} is not a directory")
+    dtype = getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(args.device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).to(args.device).eval()
+    samples = [ExtractSample(id=str(i), input_ids=tokenizer(prompt, return_tensors="pt").input_ids.to(args.device))
+               for i, prompt in enumerate(_read_prompts(args.prompts))]
+    manifest = extract_pairs(draft, target, samples, args.out, max_new_tokens=args.max_new_tokens,
+                             draft_layers=args.draft_layers, shard_rows=args.shard_rows)
+    rows = sum(shard["rows"] for shard in manifest["shards"])
+    print(json.dumps({"out": args.out, "samples": len(manifest["done"]), "rows": rows,
+                      "shards": len(manifest["shards"]), "meta": manifest["meta"]}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdalign-rt", description="Speculative decoding between different "
                                      "multimodal models: runtime and tools.")
@@ -165,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--seed", type=int, default=0)
     pair.add_argument("--json", default=None)
     pair.set_defaults(run=_pair_check)
+
+    ext = commands.add_parser("extract", help="prefix-conditioned (drafter state, verifier state, next token) rows "
+                              "for adapter training, as resumable safetensors shards")
+    ext.add_argument("--target", required=True, help="verifier checkpoint directory")
+    ext.add_argument("--draft", required=True, help="drafter checkpoint directory (same tokenizer)")
+    ext.add_argument("--prompts", required=True, help="JSON list of prompts, or one prompt per line")
+    ext.add_argument("--out", required=True, help="output directory (rerun to resume)")
+    ext.add_argument("--max-new-tokens", type=int, default=64)
+    ext.add_argument("--draft-layers", type=int, default=None, help="store the drafter's layer-K states")
+    ext.add_argument("--shard-rows", type=int, default=4096)
+    ext.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ext.add_argument("--device", default="cpu")
+    ext.set_defaults(run=_extract)
     return parser
 
 

@@ -53,3 +53,17 @@ def test_generate_matches_the_reloaded_verifier(checkpoints, tree, extra, capsys
 def test_generate_reports_missing_checkpoints(tmp_path):
     with pytest.raises(SystemExit, match="--target .* is not a directory"):
         cli.main(["generate", "--target", str(tmp_path / "nope"), "--draft", str(tmp_path), "--prompt", "w2"])
+
+
+def test_extract_command_resumes(checkpoints, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w9 w11\nw40 w2\n")
+    args = ["extract", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
+            "--prompts", str(prompts), "--out", str(tmp_path / "pairs"), "--max-new-tokens", "6", "--shard-rows", "4"]
+    assert cli.main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["samples"] == 2 and first["rows"] == 12
+    prompts.write_text("w5 w9 w11\nw40 w2\nw7 w7\n")  # one more prompt: only it is extracted
+    assert cli.main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["samples"] == 3 and second["rows"] == 18

@@ -1,0 +1,67 @@
+"""extract: prefix-conditioned (drafter state, verifier state, next token) rows, shards, resume."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from sdalign_rt.extract import ExtractSample, extract_pairs, load_pairs  # noqa: E402
+from test_decoder import DRAFTS, TARGET, VOCAB  # noqa: E402
+
+
+def samples(count=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [ExtractSample(id=f"s{i}", input_ids=torch.randint(1, VOCAB, (1, 4 + i), generator=gen))
+            for i in range(count)]
+
+
+def test_rows_are_prefix_conditioned(tmp_path):
+    """With drafter == verifier the two states coincide row by row, and the verifier's head on its state
+    predicts the stored next token: position t is paired with token t + 1, no off-by-one."""
+    manifest = extract_pairs(TARGET, TARGET, samples(), str(tmp_path), max_new_tokens=6, shard_rows=8,
+                             dtype=torch.float32, progress=False)
+    rows = load_pairs(str(tmp_path))
+    assert rows["next_token"].shape == (18,) and sum(s["rows"] for s in manifest["shards"]) == 18
+    assert len(manifest["shards"]) >= 2 and sorted(manifest["done"]) == ["s0", "s1", "s2"]
+    torch.testing.assert_close(rows["draft_hidden"], rows["target_hidden"])
+    with torch.no_grad():
+        predicted = TARGET.lm_head(rows["target_hidden"]).argmax(-1)
+    assert torch.equal(predicted, rows["next_token"])
+    expected = torch.cat([TARGET.generate(s.input_ids, max_new_tokens=6, do_sample=False)[0, s.input_ids.shape[1]:]
+                          for s in samples()])
+    assert torch.equal(rows["next_token"], expected)
+
+
+def test_draft_layers_store_layer_k_states(tmp_path):
+    sample = samples(1)[0]
+    extract_pairs(DRAFTS["perturbed"], TARGET, [sample], str(tmp_path), max_new_tokens=5, draft_layers=1,
+                  dtype=torch.float32, progress=False)
+    rows = load_pairs(str(tmp_path))
+    full = TARGET.generate(sample.input_ids, max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        states = DRAFTS["perturbed"](full, output_hidden_states=True).hidden_states[1][0]
+    p = sample.input_ids.shape[1]
+    torch.testing.assert_close(rows["draft_hidden"], states[p - 1: p + 4])
+    assert rows["meta"]["draft_layers"] == 1
+
+
+def test_resume_after_interruption(tmp_path):
+    good = samples(3)
+    broken = [good[0], ExtractSample(id="bad", input_ids=torch.ones(2, 3, dtype=torch.long)), good[1]]
+    with pytest.raises(ValueError, match="one prompt"):  # fails mid-run, after s0 was extracted
+        extract_pairs(TARGET, TARGET, broken, str(tmp_path), max_new_tokens=4, shard_rows=1, progress=False)
+    assert json.loads((tmp_path / "manifest.json").read_text())["done"] == ["s0"]
+    manifest = extract_pairs(TARGET, TARGET, good, str(tmp_path), max_new_tokens=4, shard_rows=1, progress=False)
+    assert sorted(manifest["done"]) == ["s0", "s1", "s2"]
+    assert load_pairs(str(tmp_path))["next_token"].shape == (12,)  # nothing extracted twice
+
+
+def test_errors(tmp_path):
+    extract_pairs(TARGET, TARGET, samples(1), str(tmp_path), max_new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match="draft_layers=None, not 1"):
+        extract_pairs(TARGET, TARGET, samples(1), str(tmp_path), max_new_tokens=2, draft_layers=1, progress=False)
+    with pytest.raises(ValueError, match=r"draft_layers must be an int in \[1, 2\]"):
+        extract_pairs(TARGET, TARGET, samples(1), str(tmp_path / "x"), draft_layers=3, progress=False)
+    with pytest.raises(FileNotFoundError, match="run sdalign-rt extract first"):
+        load_pairs(str(tmp_path / "nothing"))
