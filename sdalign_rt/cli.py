@@ -153,6 +153,28 @@ def _extract(args) -> int:
     return 0
 
 
+def _train_adapter(args) -> int:
+    from sdalign_rt.extract import load_pairs
+    from sdalign_rt.train_adapter import TrainConfig, train_adapter
+
+    rows = load_pairs(args.pairs)
+    lm_head = None
+    if args.ce_weight:
+        if not args.target:
+            raise SystemExit("sdalign-rt train-adapter: --ce-weight needs --target (the verifier, for its LM head)")
+        from transformers import AutoModelForCausalLM
+
+        lm_head = AutoModelForCausalLM.from_pretrained(args.target).get_output_embeddings()
+    config = TrainConfig(bottleneck=args.bottleneck, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, val_fraction=args.val_fraction, patience=args.patience,
+                         mse_weight=args.mse_weight, cos_weight=args.cos_weight, ce_weight=args.ce_weight,
+                         seed=args.seed)
+    _, log = train_adapter(rows, config, out_dir=args.out, lm_head=lm_head)
+    print(json.dumps({k: log[k] for k in ("rows", "initial_val_loss", "best_val_loss", "best_epoch", "epochs_run")},
+                     indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdalign-rt", description="Speculative decoding between different "
                                      "multimodal models: runtime and tools.")
@@ -213,6 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ext.add_argument("--device", default="cpu")
     ext.set_defaults(run=_extract)
+
+    train = commands.add_parser("train-adapter", help="train a BottleneckAdapter on extracted rows (resumable)")
+    train.add_argument("--pairs", required=True, help="directory written by sdalign-rt extract")
+    train.add_argument("--out", required=True, help="adapter directory (safetensors + JSON; rerun to resume)")
+    train.add_argument("--target", default=None, help="verifier checkpoint, for --ce-weight through its LM head")
+    train.add_argument("--bottleneck", type=int, default=256)
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--batch-size", type=int, default=256)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--val-fraction", type=float, default=0.1)
+    train.add_argument("--patience", type=int, default=4)
+    train.add_argument("--mse-weight", type=float, default=1.0)
+    train.add_argument("--cos-weight", type=float, default=1.0)
+    train.add_argument("--ce-weight", type=float, default=0.0)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=_train_adapter)
     return parser
 
 

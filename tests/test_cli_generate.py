@@ -67,3 +67,19 @@ def test_extract_command_resumes(checkpoints, tmp_path, capsys):
     assert cli.main(args) == 0
     second = json.loads(capsys.readouterr().out)
     assert second["samples"] == 3 and second["rows"] == 18
+
+
+def test_extract_then_train_then_generate(checkpoints, tmp_path, capsys):
+    """The pipeline's first two stages on the command line, and the adapter they make drives decoding."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([f"w{i} w{i + 3} w{i + 7}" for i in range(2, 14)]))
+    pairs, adapter = tmp_path / "pairs", tmp_path / "adapter"
+    assert cli.main(["extract", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
+                     "--prompts", str(prompts), "--out", str(pairs), "--max-new-tokens", "8"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train-adapter", "--pairs", str(pairs), "--out", str(adapter), "--bottleneck", "16",
+                     "--epochs", "8", "--lr", "3e-3", "--ce-weight", "0.1", "--target", str(checkpoints / "target")]) == 0
+    log = json.loads(capsys.readouterr().out)
+    assert log["best_val_loss"] < log["initial_val_loss"]
+    assert cli.main(["generate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
+                     "--adapter", str(adapter), "--prompt", "w5 w9", "--max-new-tokens", "8"]) == 0

@@ -1,0 +1,85 @@
+"""train-adapter: validation loss goes down, runs are deterministic, resume ends where a straight run does."""
+import pytest
+import torch
+
+import sdalign_rt as sd
+from sdalign_rt import train_adapter as ta
+
+
+def rows(count=600, draft=32, target=32, seed=0):
+    """Target states that a bottleneck map of the drafter's states explains, plus a little noise."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, draft, generator=gen)
+    down = torch.randn(draft, 8, generator=gen) / draft ** 0.5
+    up = torch.randn(8, target, generator=gen)
+    base = x if target == draft else x @ torch.randn(draft, target, generator=gen) / draft ** 0.5
+    y = base + torch.nn.functional.gelu(x @ down) @ up + 0.01 * torch.randn(count, target, generator=gen)
+    return {"draft_hidden": x, "target_hidden": y, "next_token": torch.randint(0, 50, (count,), generator=gen)}
+
+
+CONFIG = ta.TrainConfig(bottleneck=16, epochs=12, batch_size=64, lr=3e-3, patience=20)
+
+
+def test_validation_loss_goes_down(tmp_path):
+    adapter, log = ta.train_adapter(rows(), CONFIG, out_dir=str(tmp_path), progress=False)
+    assert log["best_val_loss"] < 0.3 * log["initial_val_loss"]
+    loaded = sd.BottleneckAdapter.from_pretrained(str(tmp_path))
+    x = rows()["draft_hidden"][:5]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), adapter(x))
+    assert (tmp_path / "training_log.json").exists()
+
+
+def test_deterministic_with_a_seed():
+    a, _ = ta.train_adapter(rows(), ta.TrainConfig(bottleneck=8, epochs=3, seed=5), progress=False)
+    b, _ = ta.train_adapter(rows(), ta.TrainConfig(bottleneck=8, epochs=3, seed=5), progress=False)
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    config = ta.TrainConfig(bottleneck=8, epochs=5, batch_size=100, seed=1, patience=10)
+    straight, _ = ta.train_adapter(rows(), config, progress=False)
+    steps_per_epoch = -(-540 // 100)  # 600 rows, 10% held out
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def interrupting_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2 * steps_per_epoch:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        ta.train_adapter(rows(), config, out_dir=str(tmp_path), progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed, log = ta.train_adapter(rows(), config, out_dir=str(tmp_path), progress=False)
+    assert [h["epoch"] for h in log["history"]] == [0, 1, 2, 3, 4]
+    for p, q in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q)
+
+
+def test_different_hidden_sizes_and_cross_entropy():
+    head = torch.nn.Linear(48, 50, bias=False)
+    config = ta.TrainConfig(bottleneck=16, epochs=6, ce_weight=0.1, patience=20)
+    adapter, log = ta.train_adapter(rows(target=48), config, lm_head=head, progress=False)
+    assert not adapter.residual and adapter.out_size == 48
+    assert log["best_val_loss"] < log["initial_val_loss"]
+
+
+def test_errors(tmp_path):
+    bad = rows()
+    with pytest.raises(ValueError, match="row counts differ"):
+        ta.train_adapter({**bad, "next_token": bad["next_token"][:-1]}, CONFIG, progress=False)
+    nan = {**bad, "draft_hidden": bad["draft_hidden"].clone()}
+    nan["draft_hidden"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        ta.train_adapter(nan, CONFIG, progress=False)
+    with pytest.raises(ValueError, match="needs the verifier's LM head"):
+        ta.train_adapter(bad, ta.TrainConfig(ce_weight=1.0), progress=False)
+    ta.train_adapter(bad, ta.TrainConfig(bottleneck=8, epochs=1), out_dir=str(tmp_path), progress=False)
+    _, log = ta.train_adapter(bad, ta.TrainConfig(bottleneck=8, epochs=2), out_dir=str(tmp_path), progress=False)
+    assert [h["epoch"] for h in log["history"]] == [0, 1]  # more epochs: resumed, not restarted
+    with pytest.raises(ValueError, match="another TrainConfig"):
+        ta.train_adapter(bad, ta.TrainConfig(bottleneck=8, epochs=3, lr=0.5), out_dir=str(tmp_path), progress=False)
