@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -165,12 +166,42 @@ def _train_adapter(args) -> int:
         from transformers import AutoModelForCausalLM
 
         lm_head = AutoModelForCausalLM.from_pretrained(args.target).get_output_embeddings()
-    config = TrainConfig(bottleneck=args.bottleneck, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, val_fraction=args.val_fraction, patience=args.patience,
-                         mse_weight=args.mse_weight, cos_weight=args.cos_weight, ce_weight=args.ce_weight,
-                         seed=args.seed)
+    config = TrainConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainConfig)})
     _, log = train_adapter(rows, config, out_dir=args.out, lm_head=lm_head)
     print(json.dumps({k: log[k] for k in ("rows", "initial_val_loss", "best_val_loss", "best_epoch", "epochs_run")},
+                     indent=2))
+    return 0
+
+
+def _eval_alignment(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    import sdalign_rt as sd
+    from sdalign_rt.eval_alignment import evaluate_alignment, write_report
+    from sdalign_rt.extract import load_pairs
+    from sdalign_rt.train_adapter import LOG, split_rows
+
+    rows = load_pairs(args.pairs)
+    if args.split == "val":  # the rows train-adapter held out, from its log's seed and fraction
+        log_path = os.path.join(args.adapter, LOG)
+        if not os.path.isfile(log_path):
+            raise SystemExit(f"sdalign-rt eval-alignment: --split val needs {log_path} (or use --split all)")
+        with open(log_path) as f:
+            config = json.load(f)["config"]
+        _, held_out = split_rows(len(rows["next_token"]), config["val_fraction"], config["seed"])
+        held_out = held_out.sort().values
+        rows = {k: (v[held_out] if hasattr(v, "shape") else v) for k, v in rows.items()}
+    measured = None
+    if args.measured:
+        with open(args.measured) as f:
+            measured = json.load(f)
+        measured = measured.get("stats", measured)
+    adapter = sd.BottleneckAdapter.from_pretrained(args.adapter)
+    lm_head = AutoModelForCausalLM.from_pretrained(args.target).get_output_embeddings()
+    report = evaluate_alignment(adapter, rows, lm_head, gamma=args.gamma, cost_ratio=args.cost_ratio,
+                                measured=measured)
+    write_report(report, args.out)
+    print(json.dumps({k: report[k] for k in ("rows", "top1_agreement", "top5_agreement", "acceptance", "projection")},
                      indent=2))
     return 0
 
@@ -240,18 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--pairs", required=True, help="directory written by sdalign-rt extract")
     train.add_argument("--out", required=True, help="adapter directory (safetensors + JSON; rerun to resume)")
     train.add_argument("--target", default=None, help="verifier checkpoint, for --ce-weight through its LM head")
-    train.add_argument("--bottleneck", type=int, default=256)
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--batch-size", type=int, default=256)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--val-fraction", type=float, default=0.1)
-    train.add_argument("--patience", type=int, default=4)
-    train.add_argument("--mse-weight", type=float, default=1.0)
-    train.add_argument("--cos-weight", type=float, default=1.0)
-    train.add_argument("--ce-weight", type=float, default=0.0)
-    train.add_argument("--seed", type=int, default=0)
+    from sdalign_rt.train_adapter import TrainConfig
+
+    for spec in dataclasses.fields(TrainConfig):  # one flag per training setting, defaults from TrainConfig
+        train.add_argument(f"--{spec.name.replace('_', '-')}", type=type(spec.default), default=spec.default)
     train.set_defaults(run=_train_adapter)
+
+    evaluate = commands.add_parser("eval-alignment", help="cosine, top-k agreement, acceptance by threshold and "
+                                   "the projected speedup of an adapter on held-out rows (JSON + PNG)")
+    evaluate.add_argument("--pairs", required=True, help="directory written by sdalign-rt extract")
+    evaluate.add_argument("--adapter", required=True, help="adapter directory written by train-adapter")
+    evaluate.add_argument("--target", required=True, help="verifier checkpoint (its LM head)")
+    evaluate.add_argument("--split", default="val", choices=["val", "all"],
+                          help="val: the rows train-adapter held out (default); all: every row (a held-out set)")
+    evaluate.add_argument("--gamma", type=int, default=4, help="drafts per step for windows and projections")
+    evaluate.add_argument("--cost-ratio", type=float, default=0.0, help="draft cost / verifier cost per token")
+    evaluate.add_argument("--measured", default=None, help="JSON with stats measured by the decoding loop")
+    evaluate.add_argument("--out", default="alignment_report.json")
+    evaluate.set_defaults(run=_eval_alignment)
     return parser
 
 

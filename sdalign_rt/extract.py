@@ -73,7 +73,8 @@ class ShardWriter:
                    for key in ("draft_hidden", "target_hidden", "next_token")}
         save_file(tensors, os.path.join(self.out_dir, name))
         self.manifest["shards"].append({"file": name, "rows": int(tensors["next_token"].shape[0]),
-                                        "samples": [p["id"] for p in self.pending]})
+                                        "samples": [p["id"] for p in self.pending],
+                                        "sample_rows": [int(len(p["next_token"])) for p in self.pending]})
         self.manifest["done"].extend(p["id"] for p in self.pending)
         tmp = os.path.join(self.out_dir, MANIFEST + ".tmp")
         with open(tmp, "w") as f:
@@ -132,7 +133,8 @@ def extract_pairs(drafter, verifier, samples: Iterable[ExtractSample], out_dir: 
 
 
 def load_pairs(out_dir: str) -> dict:
-    """All extracted rows of out_dir: {"draft_hidden", "target_hidden", "next_token", "meta"}."""
+    """All extracted rows of out_dir: {"draft_hidden", "target_hidden", "next_token", "sample" (the row's sample
+    number, in extraction order; rows of a sample are consecutive continuation positions), "meta"}."""
     from safetensors.torch import load_file
 
     path = os.path.join(out_dir, MANIFEST)
@@ -144,4 +146,6 @@ def load_pairs(out_dir: str) -> dict:
     if not parts:
         raise ValueError(f"{out_dir!r} holds no extracted rows")
     rows = {key: torch.cat([p[key] for p in parts]) for key in ("draft_hidden", "target_hidden", "next_token")}
-    return {**rows, "meta": manifest["meta"]}
+    counts = [n for shard in manifest["shards"] for n in shard["sample_rows"]]
+    sample = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+    return {**rows, "sample": sample, "meta": manifest["meta"]}

@@ -83,3 +83,20 @@ def test_extract_then_train_then_generate(checkpoints, tmp_path, capsys):
     assert log["best_val_loss"] < log["initial_val_loss"]
     assert cli.main(["generate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
                      "--adapter", str(adapter), "--prompt", "w5 w9", "--max-new-tokens", "8"]) == 0
+
+
+def test_eval_alignment_command(checkpoints, tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([f"w{i} w{i + 5}" for i in range(2, 22)]))
+    pairs, adapter, report = tmp_path / "pairs", tmp_path / "adapter", tmp_path / "report.json"
+    target, draft = str(checkpoints / "target"), str(checkpoints / "draft")
+    assert cli.main(["extract", "--target", target, "--draft", draft, "--prompts", str(prompts), "--out", str(pairs),
+                     "--max-new-tokens", "8"]) == 0
+    assert cli.main(["train-adapter", "--pairs", str(pairs), "--out", str(adapter), "--bottleneck", "16",
+                     "--epochs", "4"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval-alignment", "--pairs", str(pairs), "--adapter", str(adapter), "--target", target,
+                     "--out", str(report), "--cost-ratio", "0.1"]) == 0
+    result = json.loads(report.read_text())
+    assert result["rows"] == 16 and set(result["acceptance"]) == {"0.8", "0.85", "0.9", "0.95"}
+    assert (tmp_path / "report.png").exists()
