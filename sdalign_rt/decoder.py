@@ -163,13 +163,13 @@ class SpeculativeDecoder:
         verifier = ModelRunner(self.target, batch, device, capacity=input_ids.shape[1] + slack)
         drafter = ModelRunner(self._draft_runner_model, batch, device, capacity=draft_input_ids.shape[1] + slack)
         with ops.value_checks(False):
-            target_logits, _ = verifier.prefill(input_ids, attention_mask, **(target_inputs or {}))
+            target_logits, _ = verifier.extend(input_ids, attention_mask, **(target_inputs or {}))
             draft_prefill_inputs = dict(draft_inputs or {})
             if self.draft_layers is not None and draft_prefill_inputs:
                 # The k-layer view has no vision path: let the full drafter merge its media into the embeddings.
                 draft_prefill_inputs = {"inputs_embeds": merged_input_embeddings(
                     self.draft, draft_input_ids, attention_mask=draft_attention_mask, **draft_prefill_inputs)}
-            drafter.prefill(draft_input_ids, draft_attention_mask, hidden=aligned, **draft_prefill_inputs)
+            drafter.extend(draft_input_ids, draft_attention_mask, hidden=aligned, **draft_prefill_inputs)
             root = self._first_token(target_logits[:, -1])
             generated = [[int(t)] for t in root.tolist()]
             finished = [self._ends(row, max_new_tokens) for row in generated]
@@ -206,19 +206,12 @@ class SpeculativeDecoder:
             self._tree_plan = _TreePlan.build(self.tree, device)
         return self._tree_plan
 
-    def _feed_pending(self, drafter: ModelRunner, pending, pending_valid, hidden: bool):
-        """Run the committed tokens the drafter has not seen (right-aligned, the root last)."""
-        k = pending.shape[1]
-        causal = torch.ones(k, k, dtype=torch.bool, device=pending.device).tril()
-        positions = drafter.next_positions()[:, None] + (pending_valid.long().cumsum(-1) - 1).clamp(min=0)
-        return drafter.forward(self._to_draft_ids(pending), causal[None] & pending_valid[:, None, :], positions,
-                               token_valid=pending_valid, hidden=hidden)
-
     def _draft_tree(self, drafter: ModelRunner, pending, pending_valid, root, aligned):
         """Draft this step's tree. Returns a _Draft (tokens[B, N] with node 0 = root, parents, masks, depths).
         The drafter's cache ends holding committed tokens only."""
         hidden_needed = aligned or self.mode == "feature" or self.draft_layers is not None
-        logits, hidden = self._feed_pending(drafter, pending, pending_valid, hidden_needed)
+        # The committed tokens the drafter has not seen (right-aligned, the root last).
+        logits, hidden = drafter.extend(self._to_draft_ids(pending), pending_valid, hidden=hidden_needed)
         committed = drafter.length
         root_pos = drafter.next_positions() - 1
         root_hidden = hidden[:, -1:] if hidden_needed else None

@@ -21,6 +21,8 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
+from sdalign_rt.shallow import check_draft_layers
+
 MANIFEST = "manifest.json"
 
 
@@ -98,9 +100,7 @@ def extract_pairs(drafter, verifier, samples: Iterable[ExtractSample], out_dir: 
     vocabularies differ. Hidden states are stored in `dtype`.
     """
     if draft_layers is not None:
-        total = len(drafter.get_decoder().layers)
-        if not isinstance(draft_layers, int) or not 1 <= draft_layers <= total:
-            raise ValueError(f"draft_layers must be an int in [1, {total}], got {draft_layers!r}")
+        check_draft_layers(drafter, draft_layers)
     meta = {"draft_hidden_size": drafter.get_output_embeddings().weight.shape[1],
             "target_hidden_size": verifier.get_output_embeddings().weight.shape[1],
             "draft_layers": draft_layers, "max_new_tokens": max_new_tokens, "dtype": str(dtype).replace("torch.", "")}

@@ -64,14 +64,16 @@ class ModelRunner:
             return None, out.last_hidden_state
         return logits, (out.hidden_states[-1] if hidden else None)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False, **model_inputs):
-        """The prompt, left-padded: causal within the block, padding masked out, positions from 0 per row."""
-        k = input_ids.shape[1]
-        present = attention_mask.bool()
-        causal = torch.ones(k, k, dtype=torch.bool, device=input_ids.device).tril()
-        block = causal[None] & present[:, None, :]
-        positions = (present.long().cumsum(-1) - 1).clamp(min=0)
-        return self.forward(input_ids, block, positions, token_valid=present, hidden=hidden, **model_inputs)
+    def extend(self, tokens: torch.Tensor, valid: torch.Tensor, hidden: bool = False, **model_inputs):
+        """Append a block of committed tokens whose rows are padded (valid[B, K] False): causal within the
+        block, padding masked out, positions continuing each row's count. On an empty cache this is the
+        left-padded prompt's prefill (positions from 0 per row)."""
+        k = tokens.shape[1]
+        valid = valid.bool()
+        causal = torch.ones(k, k, dtype=torch.bool, device=tokens.device).tril()
+        positions = self.next_positions()[:, None] + (valid.long().cumsum(-1) - 1).clamp(min=0)
+        return self.forward(tokens, causal[None] & valid[:, None, :], positions, token_valid=valid, hidden=hidden,
+                            **model_inputs)
 
     def crop(self, length: int) -> None:
         remove = self.length - length

@@ -16,12 +16,16 @@ def num_decoder_layers(model) -> int:
     return len(model.get_decoder().layers)
 
 
-def shallow_view(model, k: int):
-    """The first k decoder layers of `model` as a module returning raw layer-k hidden states."""
-    decoder = model.get_decoder()
-    total = len(decoder.layers)
+def check_draft_layers(model, k) -> None:
+    total = num_decoder_layers(model)
     if not isinstance(k, int) or not 1 <= k <= total:
         raise ValueError(f"draft_layers must be an int in [1, {total}] (the drafter's decoder layers), got {k!r}")
+
+
+def shallow_view(model, k: int):
+    """The first k decoder layers of `model` as a module returning raw layer-k hidden states."""
+    check_draft_layers(model, k)
+    decoder = model.get_decoder()
     view = copy.copy(decoder)
     view._modules = dict(decoder._modules)  # a copy.copy shares this dict: give the view its own
     view.layers = nn.ModuleList(list(decoder.layers)[:k])
