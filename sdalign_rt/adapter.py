@@ -3,6 +3,14 @@
 y = x + up(gelu(down(x))) when the two hidden sizes match (the residual makes a zero-initialised up
 projection the identity: drafts start as the drafter's own view); y = up(gelu(down(x))) when they differ.
 Inference runs the fused Triton/C++ op; training (autograd on) runs the reference composition.
+
+Two options serve shallow drafting (draft_layers=k), where the input is a raw layer-k residual-stream state:
+  input_norm:  x is first RMS-normalised with a learned scale (initialise it from the drafter's final norm), so
+               the residual path starts from the state the drafter's own head would read, not from a raw
+               residual stream of another scale;
+  draft_vocab: the verifier token ids the draft head scores (EAGLE-3's reduced vocabulary): drafting multiplies
+               by those rows of the verifier's LM head only. The verifier still checks every draft against its
+               full head, so this changes which tokens can be drafted, never what is accepted.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ WEIGHTS_NAME = "adapter.safetensors"
 
 class BottleneckAdapter(nn.Module):
     def __init__(self, hidden_size: int, bottleneck: int = 256, out_size: int | None = None, *,
+                 input_norm: bool = False, norm_eps: float = 1e-5, draft_vocab: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None, device=None):
         super().__init__()
         if hidden_size <= 0 or bottleneck <= 0:
@@ -34,6 +43,40 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)  # identity at init (with the residual)
         nn.init.zeros_(self.up.bias)
+        self.norm_eps = norm_eps
+        self.norm = nn.Parameter(torch.ones(hidden_size, **factory)) if input_norm else None
+        self.register_buffer("draft_vocab", None)
+        if draft_vocab is not None:
+            self.set_draft_vocab(draft_vocab)
+
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 1 or ids.numel() == 0 or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"draft_vocab must be a non-empty 1-D tensor of token ids, got {tuple(ids.shape)} "
+                             f"{ids.dtype}")
+        if ids.unique().numel() != ids.numel() or bool((ids < 0).any()):
+            raise ValueError("draft_vocab must hold distinct non-negative token ids")
+        self.draft_vocab = ids.long().to(self.down.weight.device)
+
+    @property
+    def input_norm(self) -> bool:
+        return self.norm is not None
+
+    def draft_head(self, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """The rows of the verifier's LM head the drafts are scored with (all of them without a draft_vocab)."""
+        if self.draft_vocab is None:
+            return lm_head_weight
+        if int(self.draft_vocab.max()) >= lm_head_weight.shape[0]:
+            raise ValueError(f"the adapter's draft_vocab holds token id {int(self.draft_vocab.max())}, but the "
+                             f"verifier's LM head has {lm_head_weight.shape[0]} tokens")
+        return lm_head_weight[self.draft_vocab.to(lm_head_weight.device)]
+
+    def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.norm is None:
+            return hidden
+        x = hidden.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        return (x * self.norm.float()).to(hidden.dtype)
 
     @property
     def residual(self) -> bool:
@@ -43,6 +86,7 @@ class BottleneckAdapter(nn.Module):
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"adapter expects hidden size {self.hidden_size}, got input of shape "
                              f"{tuple(hidden.shape)}")
+        hidden = self._normed(hidden)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return self._forward_autograd(hidden)
         if self.residual:
@@ -56,7 +100,9 @@ class BottleneckAdapter(nn.Module):
         return (hidden.to(y.dtype) + y).to(hidden.dtype) if self.residual else y.to(hidden.dtype)
 
     def config(self) -> dict:
-        return {"hidden_size": self.hidden_size, "bottleneck": self.bottleneck, "out_size": self.out_size}
+        return {"hidden_size": self.hidden_size, "bottleneck": self.bottleneck, "out_size": self.out_size,
+                "input_norm": self.input_norm, "norm_eps": self.norm_eps,
+                "draft_vocab_size": None if self.draft_vocab is None else int(self.draft_vocab.numel())}
 
     def save_pretrained(self, path: str) -> None:
         from safetensors.torch import save_file
@@ -77,6 +123,9 @@ class BottleneckAdapter(nn.Module):
                 raise FileNotFoundError(f"adapter directory {path!r} has no {os.path.basename(needed)}")
         with open(config_path) as f:
             config = json.load(f)
-        adapter = cls(config["hidden_size"], config["bottleneck"], config.get("out_size"))
-        adapter.load_state_dict(load_file(weights_path))
+        weights = load_file(weights_path)
+        adapter = cls(config["hidden_size"], config["bottleneck"], config.get("out_size"),
+                      input_norm=config.get("input_norm", False), norm_eps=config.get("norm_eps", 1e-5),
+                      draft_vocab=weights.get("draft_vocab"))
+        adapter.load_state_dict(weights)
         return adapter.to(device=device, dtype=dtype)

@@ -159,15 +159,20 @@ def _train_adapter(args) -> int:
     from sdalign_rt.train_adapter import TrainConfig, train_adapter
 
     rows = load_pairs(args.pairs)
-    lm_head = None
-    if args.ce_weight:
+    lm_head = norm_init = None
+    if args.ce_weight or args.draft_vocab:
         if not args.target:
-            raise SystemExit("sdalign-rt train-adapter: --ce-weight needs --target (the verifier, for its LM head)")
+            raise SystemExit("sdalign-rt train-adapter: --ce-weight and --draft-vocab need --target (the verifier, "
+                             "for its LM head)")
         from transformers import AutoModelForCausalLM
 
         lm_head = AutoModelForCausalLM.from_pretrained(args.target).get_output_embeddings()
+    if args.draft and args.input_norm:
+        from transformers import AutoModelForCausalLM
+
+        norm_init = AutoModelForCausalLM.from_pretrained(args.draft).get_decoder().norm.weight.detach()
     config = TrainConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainConfig)})
-    _, log = train_adapter(rows, config, out_dir=args.out, lm_head=lm_head)
+    _, log = train_adapter(rows, config, out_dir=args.out, lm_head=lm_head, norm_init=norm_init)
     print(json.dumps({k: log[k] for k in ("rows", "initial_val_loss", "best_val_loss", "best_epoch", "epochs_run")},
                      indent=2))
     return 0
@@ -204,6 +209,55 @@ def _eval_alignment(args) -> int:
     print(json.dumps({k: report[k] for k in ("rows", "top1_agreement", "top5_agreement", "acceptance", "projection")},
                      indent=2))
     return 0
+
+
+def _demo_config(args):
+    from sdalign_rt.demo.experiment import DemoConfig
+
+    return DemoConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(DemoConfig)
+                         if getattr(args, spec.name, None) is not None})
+
+
+def _demo(args) -> int:
+    from sdalign_rt.demo.experiment import run_demo, write_demo
+
+    result = run_demo(_demo_config(args), cache_dir=args.cache_dir)
+    for row in result["prompts"][:2]:
+        print(f"### {row['prompt']}\n{row['text']}\n")
+    keys = ("lossless", "speedup", "tokens_per_s_baseline", "tokens_per_s_spec", "acceptance_rate", "token_acceptance",
+            "mean_accepted", "per_position_acceptance", "adapter_cosine", "draft_layers", "tree", "draft_cost_ratio")
+    print(json.dumps({key: result[key] for key in keys}, indent=2))
+    write_demo(result, args.json)
+    print(f"wrote {args.json} and {os.path.splitext(args.json)[0]}.png")
+    return 0 if result["lossless"] else 1
+
+
+def _sweep_depth(args) -> int:
+    from sdalign_rt.demo.experiment import sweep_depth, write_sweep
+
+    depths = [int(k) for k in args.depths.split(",")]
+    result = sweep_depth(depths, _demo_config(args), cache_dir=args.cache_dir)
+    print(f"{'k':>3} {'lossless':>8} {'a':>6} {'alpha':>6} {'tau':>5} {'draft ms':>8} {'cost':>6} {'speedup':>7}")
+    for row in result["rows"]:
+        print(f"{row['draft_layers']:>3} {str(row['lossless']):>8} {row['token_acceptance']:>6.3f} "
+              f"{row['acceptance_rate']:>6.3f} {row['mean_accepted']:>5.2f} {row['draft_token_ms']:>8.2f} "
+              f"{row['draft_cost_ratio']:>6.3f} {row['speedup']:>7.3f}")
+    print(f"best draft_layers: {result['best_draft_layers']}")
+    write_sweep(result, args.json)
+    return 0
+
+
+def _add_demo_flags(command, defaults) -> None:
+    command.add_argument("--tree", default=None, help=f"draft tree (default {defaults.tree})")
+    command.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                         help=f"model dtype (default {defaults.dtype})")
+    command.add_argument("--max-new-tokens", type=int, default=None,
+                         help=f"per evaluation prompt (default {defaults.max_new_tokens})")
+    command.add_argument("--eval-prompts", type=int, default=None,
+                         help=f"how many held-out prompts to run (default {defaults.eval_prompts})")
+    command.add_argument("--epochs", type=int, default=None, help=f"adapter training epochs (default {defaults.epochs})")
+    command.add_argument("--cache-dir", default=None, help="where the checkpoint, continuations and adapters are "
+                         "kept (default $SDALIGN_RT_CACHE or ~/.cache/sdalign_rt)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,11 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train-adapter", help="train a BottleneckAdapter on extracted rows (resumable)")
     train.add_argument("--pairs", required=True, help="directory written by sdalign-rt extract")
     train.add_argument("--out", required=True, help="adapter directory (safetensors + JSON; rerun to resume)")
-    train.add_argument("--target", default=None, help="verifier checkpoint, for --ce-weight through its LM head")
+    train.add_argument("--target", default=None, help="verifier checkpoint: its LM head, for --ce-weight and "
+                       "--draft-vocab")
+    train.add_argument("--draft", default=None, help="drafter checkpoint: its final norm starts --input-norm")
     from sdalign_rt.train_adapter import TrainConfig
 
     for spec in dataclasses.fields(TrainConfig):  # one flag per training setting, defaults from TrainConfig
-        train.add_argument(f"--{spec.name.replace('_', '-')}", type=type(spec.default), default=spec.default)
+        flag = f"--{spec.name.replace('_', '-')}"
+        if isinstance(spec.default, bool):
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default)
+        else:
+            train.add_argument(flag, type=type(spec.default), default=spec.default)
     train.set_defaults(run=_train_adapter)
 
     evaluate = commands.add_parser("eval-alignment", help="cosine, top-k agreement, acceptance by threshold and "
@@ -289,6 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--measured", default=None, help="JSON with stats measured by the decoding loop")
     evaluate.add_argument("--out", default="alignment_report.json")
     evaluate.set_defaults(run=_eval_alignment)
+
+    from sdalign_rt.demo.experiment import DemoConfig
+
+    defaults = DemoConfig()
+    demo = commands.add_parser("demo", help="the embedded default: SmolLM2-135M drafting from its first k layers "
+                               "through a trained adapter, vs the verifier alone (trains the adapter once)")
+    demo.add_argument("--draft-layers", type=int, default=None,
+                      help=f"draft from the first K layers (default {defaults.draft_layers}, from sweep-depth)")
+    _add_demo_flags(demo, defaults)
+    demo.add_argument("--json", default="demo_result.json", help="result JSON (a PNG is written beside it)")
+    demo.set_defaults(run=_demo)
+
+    sweep = commands.add_parser("sweep-depth", help="the embedded default for several draft depths k: acceptance, "
+                                "draft cost, measured speedup; picks the best k")
+    sweep.add_argument("--depths", default="2,4,6,8", help="comma-separated k values")
+    _add_demo_flags(sweep, defaults)
+    sweep.add_argument("--json", default="sweep_depth.json")
+    sweep.set_defaults(run=_sweep_depth)
     return parser
 
 

@@ -74,6 +74,7 @@ class SpeculativeDecoder:
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
         _warn_unapplied_processors(config)
         self._tree_plan: _TreePlan | None = None
+        self._head = None
 
     def _check_pair(self):
         target_vocab = _vocab_size(self.target, "output")
@@ -122,8 +123,24 @@ class SpeculativeDecoder:
             if self.vocab_map is not None:  # the drafter's vocabulary lifted into the verifier's
                 logits = self._device_map(logits.device).target_scores(logits, len(self.vocab_map.to_draft))
             return logits
+        weight, bias = self._aligned_head()
+        return torch.nn.functional.linear(self.adapter(hidden).to(weight.dtype), weight, bias)
+
+    def _aligned_head(self):
+        """The verifier's LM head rows aligned drafts are scored with (the adapter's draft_vocab, or all)."""
         head = self.target.get_output_embeddings()
-        return head(self.adapter(hidden).to(head.weight.dtype))
+        if self._head is None or self._head[0].device != head.weight.device:
+            rows, bias = self.adapter.draft_vocab, getattr(head, "bias", None)
+            if bias is not None and rows is not None:
+                bias = bias[rows.to(bias.device)]
+            self._head = (self.adapter.draft_head(head.weight), bias)
+        return self._head
+
+    def _draft_token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Verifier token ids of top-k indices into the draft scores (a reduced draft vocabulary maps them)."""
+        if self.adapter is None or self.adapter.draft_vocab is None:
+            return indices
+        return self.adapter.draft_vocab.to(indices.device)[indices]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
@@ -236,7 +253,7 @@ class SpeculativeDecoder:
         for depth in range(1, self.tree.depth + 1):
             nodes = plan.level_nodes[depth]
             parent_logits = level_logits[depth - 1][:, plan.parent_slot[depth]]
-            top = parent_logits.topk(plan.level_top_k[depth], dim=-1).indices
+            top = self._draft_token_ids(parent_logits.topk(plan.level_top_k[depth], dim=-1).indices)
             tokens[:, nodes] = top.gather(-1, plan.ranks[nodes].view(1, -1, 1).expand(batch, -1, 1))[..., 0]
             if depth == self.tree.depth:
                 break
@@ -262,6 +279,7 @@ class SpeculativeDecoder:
         batch, device = root.shape[0], root.device
         hidden_needed = root_hidden is not None
         logp, top = root_logits.float().log_softmax(-1).topk(k, dim=-1)
+        top = self._draft_token_ids(top)
         cand_tokens, cand_scores = [top], [logp]
         cand_parents = [torch.full((batch, k), -1, dtype=torch.long, device=device)]
         forwarded = k * (depth - 1)
@@ -281,6 +299,7 @@ class SpeculativeDecoder:
             logits, hidden = drafter.forward(self._to_draft_ids(tokens), alone, (root_pos + level)[:, None].expand(-1, k),
                                              past_mask=past, hidden=hidden_needed)
             child_logp, child_tokens = self._draft_logits(logits, hidden).float().log_softmax(-1).topk(k, dim=-1)
+            child_tokens = self._draft_token_ids(child_tokens)
             level_start = scores.shape[1]
             cand_tokens.append(child_tokens.reshape(batch, k * k))
             cand_scores.append((scores.gather(1, chosen)[..., None] + child_logp).reshape(batch, k * k))

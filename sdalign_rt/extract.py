@@ -33,6 +33,7 @@ class ExtractSample:
     target_inputs: dict = field(default_factory=dict)  # verifier media (pixel_values_videos, ...)
     draft_input_ids: torch.Tensor | None = None  # [1, P'] drafter prompt (default: the verifier's)
     draft_inputs: dict = field(default_factory=dict)  # drafter media (event_pixel_values, ...)
+    continuation: torch.Tensor | None = None  # [1, n] the verifier's greedy continuation, if already generated
 
 
 class ShardWriter:
@@ -85,6 +86,48 @@ class ShardWriter:
         self.pending, self.pending_rows = [], 0
 
 
+def _eos_ids(verifier) -> set:
+    eos = getattr(getattr(verifier, "generation_config", None), "eos_token_id", None)
+    return set([eos] if isinstance(eos, int) else (eos or []))
+
+
+@torch.no_grad()
+def generate_continuations(verifier, samples: list, max_new_tokens: int, batch_size: int = 1) -> None:
+    """Fill each sample's `continuation` with the verifier's greedy continuation (up to and including its
+    first EOS). Text-only samples go through generate in left-padded batches of batch_size (a batch's
+    greedy text can differ from a lone prompt's where padding changes the rounding of a near tie; the
+    rows stay prefix-conditioned either way); samples with media go one at a time."""
+    eos = _eos_ids(verifier)
+    todo = [s for s in samples if s.continuation is None]
+    for sample in todo:
+        if sample.input_ids.dim() != 2 or sample.input_ids.shape[0] != 1:
+            raise ValueError(f"sample {sample.id!r}: input_ids must be one prompt [1, P], "
+                             f"got {tuple(sample.input_ids.shape)}")
+    text = [s for s in todo if not s.target_inputs] if batch_size > 1 else []
+    batched = {id(s) for s in text}
+    for sample in [s for s in todo if id(s) not in batched]:
+        prompt = sample.input_ids
+        full = verifier.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                                 do_sample=False, **sample.target_inputs)
+        sample.continuation = full[:, prompt.shape[1]:]
+    pad = min(eos) if eos else 0
+    for start in range(0, len(text), batch_size):
+        chunk = text[start: start + batch_size]
+        width = max(s.input_ids.shape[1] for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=chunk[0].input_ids.device)
+        mask = torch.zeros_like(ids)
+        for row, sample in enumerate(chunk):
+            ids[row, width - sample.input_ids.shape[1]:] = sample.input_ids[0]
+            mask[row, width - sample.input_ids.shape[1]:] = 1
+        full = verifier.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad)
+        for row, sample in enumerate(chunk):
+            new = full[row, width:].tolist()
+            ends = [i for i, token in enumerate(new) if token in eos]
+            new = new[: ends[0] + 1] if ends else new
+            sample.continuation = torch.tensor([new], dtype=torch.long, device=ids.device)
+
+
 def _draft_states(drafter, ids, media: dict, draft_layers: int | None) -> torch.Tensor:
     out = drafter(input_ids=ids, output_hidden_states=True, use_cache=False, **media)
     return out.hidden_states[draft_layers] if draft_layers is not None else out.hidden_states[-1]
@@ -93,11 +136,12 @@ def _draft_states(drafter, ids, media: dict, draft_layers: int | None) -> torch.
 @torch.no_grad()
 def extract_pairs(drafter, verifier, samples: Iterable[ExtractSample], out_dir: str, *, max_new_tokens: int = 64,
                   draft_layers: int | None = None, shard_rows: int = 4096, vocab_map=None,
-                  dtype: torch.dtype = torch.float16, progress: bool = True) -> dict:
+                  dtype: torch.dtype = torch.float16, batch_size: int = 1, progress: bool = True) -> dict:
     """Extract (draft_hidden, target_hidden, next_token) rows for every sample not already done in out_dir.
 
     Returns the manifest. `vocab_map` maps the verifier's continuation into the drafter's ids when their
-    vocabularies differ. Hidden states are stored in `dtype`.
+    vocabularies differ. Hidden states are stored in `dtype`. Continuations are generated batch_size
+    samples at a time (see generate_continuations); samples that carry one are not regenerated.
     """
     if draft_layers is not None:
         check_draft_layers(drafter, draft_layers)
@@ -106,14 +150,12 @@ def extract_pairs(drafter, verifier, samples: Iterable[ExtractSample], out_dir: 
             "draft_layers": draft_layers, "max_new_tokens": max_new_tokens, "dtype": str(dtype).replace("torch.", "")}
     writer = ShardWriter(out_dir, shard_rows, meta)
     done = writer.done
-    samples = list(samples)
-    for sample in tqdm([s for s in samples if s.id not in done], desc="extract", unit="sample", disable=not progress):
-        prompt = sample.input_ids
-        if prompt.dim() != 2 or prompt.shape[0] != 1:
-            raise ValueError(f"sample {sample.id!r}: input_ids must be one prompt [1, P], got {tuple(prompt.shape)}")
-        full = verifier.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                 do_sample=False, **sample.target_inputs)
-        continuation = full[:, prompt.shape[1]:]
+    todo = [s for s in samples if s.id not in done]
+    for index, sample in enumerate(tqdm(todo, desc="extract", unit="sample", disable=not progress)):
+        if index % batch_size == 0:  # generate the next batch's continuations just before they are needed
+            generate_continuations(verifier, todo[index: index + batch_size], max_new_tokens, batch_size)
+        prompt, continuation = sample.input_ids, sample.continuation.to(sample.input_ids.device)
+        full = torch.cat([prompt, continuation], dim=1)
         n = continuation.shape[1]
         if n == 0:
             writer.manifest["done"].append(sample.id)
@@ -123,7 +165,11 @@ def extract_pairs(drafter, verifier, samples: Iterable[ExtractSample], out_dir: 
         draft_prompt = sample.draft_input_ids if sample.draft_input_ids is not None else prompt
         draft_continuation = vocab_map.draft_ids(continuation) if vocab_map is not None else continuation
         draft_full = torch.cat([draft_prompt, draft_continuation.to(draft_prompt.device)], dim=1)
-        draft_hidden = _draft_states(drafter, draft_full, sample.draft_inputs, draft_layers)
+        if drafter is verifier and sample.draft_input_ids is None and not sample.draft_inputs and vocab_map is None:
+            # self-speculative (a model drafting from its own first layers): one forward serves both sides
+            draft_hidden = target.hidden_states[draft_layers if draft_layers is not None else -1]
+        else:
+            draft_hidden = _draft_states(drafter, draft_full, sample.draft_inputs, draft_layers)
         start = draft_prompt.shape[1] - 1
         writer.add(sample.id, {"draft_hidden": draft_hidden[0, start: start + n].to("cpu", dtype),
                                "target_hidden": target_hidden.to("cpu", dtype),

@@ -1,7 +1,9 @@
 """Train a BottleneckAdapter on extracted rows: drafter state → verifier state.
 
 Loss = mse_weight * MSE + cos_weight * (1 - cosine) + ce_weight * cross-entropy of the verifier's LM head on
-the adapted state against the verifier's next token (the head is frozen and optional). A seeded split holds
+the adapted state against the verifier's next token (the head is frozen and optional). With draft_vocab = N the
+adapter gets a reduced draft vocabulary: the N most frequent next tokens of the training rows, and the
+cross-entropy is taken over those rows of the head (rows whose token is outside it only count in MSE / cosine). A seeded split holds
 out val_fraction of the rows; training stops after `patience` epochs without a better validation loss and
 keeps the best weights. Every epoch is checkpointed, so an interrupted run resumes where it stopped; shuffles
 are seeded per epoch, so a resumed run ends where an uninterrupted one would.
@@ -34,16 +36,26 @@ class TrainConfig:
     mse_weight: float = 1.0
     cos_weight: float = 1.0
     ce_weight: float = 0.0
+    input_norm: bool = False  # RMS-normalise the input first (raw layer-k states of a shallow drafter)
+    draft_vocab: int = 0  # > 0: draft over the N most frequent next tokens only (EAGLE-3's reduced head)
     seed: int = 0
 
 
-def adapter_loss(adapter, draft_hidden, target_hidden, next_token, config: TrainConfig, lm_head=None):
+def adapter_loss(adapter, draft_hidden, target_hidden, next_token, config: TrainConfig, head_weight=None):
+    """next_token holds indices into head_weight's rows (-100: not in the draft vocabulary, no CE term)."""
     predicted = adapter(draft_hidden)
     loss = config.mse_weight * F.mse_loss(predicted, target_hidden)
     loss = loss + config.cos_weight * (1 - F.cosine_similarity(predicted, target_hidden, dim=-1)).mean()
-    if config.ce_weight and lm_head is not None:
-        loss = loss + config.ce_weight * F.cross_entropy(lm_head(predicted), next_token)
+    if config.ce_weight and head_weight is not None and bool((next_token >= 0).any()):
+        loss = loss + config.ce_weight * F.cross_entropy(predicted @ head_weight.T, next_token, ignore_index=-100)
     return loss
+
+
+def frequent_tokens(tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` most frequent ids of tokens (ties by id), as a draft vocabulary."""
+    ids, freq = tokens.unique(return_counts=True)
+    order = torch.argsort(freq, descending=True, stable=True)
+    return ids[order[:count]].sort().values
 
 
 def _trajectory(config: dict) -> dict:
@@ -61,8 +73,10 @@ def split_rows(count: int, val_fraction: float, seed: int):
 
 
 def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, lm_head=None,
-                  progress: bool = True) -> tuple[BottleneckAdapter, dict]:
-    """rows: {"draft_hidden" [N, Dd], "target_hidden" [N, Dv], "next_token" [N]} (see extract.load_pairs)."""
+                  progress: bool = True, norm_init: torch.Tensor | None = None) -> tuple[BottleneckAdapter, dict]:
+    """rows: {"draft_hidden" [N, Dd], "target_hidden" [N, Dv], "next_token" [N]} (see extract.load_pairs).
+    lm_head: the verifier's LM head (a module or its weight), needed for ce_weight and draft_vocab.
+    norm_init: the input norm's starting scale (the drafter's final norm weight); ones by default."""
     draft = rows["draft_hidden"].float()
     target = rows["target_hidden"].float()
     tokens = rows["next_token"].long()
@@ -70,15 +84,28 @@ def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, l
         raise ValueError(f"row counts differ: {len(draft)} drafter, {len(target)} verifier, {len(tokens)} tokens")
     if not (torch.isfinite(draft).all() and torch.isfinite(target).all()):
         raise ValueError("the extracted hidden states contain non-finite values")
-    if config.ce_weight and lm_head is None:
-        raise ValueError("ce_weight > 0 needs the verifier's LM head (lm_head)")
+    if (config.ce_weight or config.draft_vocab) and lm_head is None:
+        raise ValueError("ce_weight > 0 and draft_vocab > 0 need the verifier's LM head (lm_head)")
     train_idx, val_idx = split_rows(len(tokens), config.val_fraction, config.seed)
     torch.manual_seed(config.seed)
     out_size = target.shape[1]
-    adapter = BottleneckAdapter(draft.shape[1], config.bottleneck, out_size=out_size)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    adapter = BottleneckAdapter(draft.shape[1], config.bottleneck, out_size=out_size, input_norm=config.input_norm)
+    if norm_init is not None and config.input_norm:
+        with torch.no_grad():
+            adapter.norm.copy_(norm_init.float())
+    head_weight = None
     if lm_head is not None:
-        lm_head = lm_head.float().requires_grad_(False)
+        head_weight = (lm_head.weight if isinstance(lm_head, torch.nn.Module) else lm_head).detach().float()
+        if head_weight.shape[1] != out_size:
+            raise ValueError(f"lm_head reads hidden size {head_weight.shape[1]}, the verifier states have {out_size}")
+        if int(tokens.max()) >= head_weight.shape[0]:
+            raise ValueError(f"next_token holds id {int(tokens.max())}, beyond the LM head's {head_weight.shape[0]}")
+        if config.draft_vocab:  # chosen from the training rows only: validation stays held out
+            adapter.set_draft_vocab(frequent_tokens(tokens[train_idx], config.draft_vocab))
+            index = torch.full((head_weight.shape[0],), -100, dtype=torch.long)
+            index[adapter.draft_vocab] = torch.arange(len(adapter.draft_vocab))
+            head_weight, tokens = adapter.draft_head(head_weight), index[tokens]
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     state = {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "stale": 0, "history": [], "best": None}
     checkpoint = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if checkpoint and os.path.isfile(checkpoint):
@@ -92,7 +119,7 @@ def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, l
     def evaluate() -> float:
         adapter.eval()
         with torch.no_grad():
-            return float(adapter_loss(adapter, draft[val_idx], target[val_idx], tokens[val_idx], config, lm_head))
+            return float(adapter_loss(adapter, draft[val_idx], target[val_idx], tokens[val_idx], config, head_weight))
 
     if state["epoch"] == 0:
         state["initial_val"] = evaluate()
@@ -105,7 +132,7 @@ def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, l
         total = 0.0
         for start in range(0, len(order), config.batch_size):
             batch = order[start: start + config.batch_size]
-            loss = adapter_loss(adapter, draft[batch], target[batch], tokens[batch], config, lm_head)
+            loss = adapter_loss(adapter, draft[batch], target[batch], tokens[batch], config, head_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

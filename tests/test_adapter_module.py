@@ -61,3 +61,14 @@ def test_errors():
         sd.BottleneckAdapter(32, 8)(torch.zeros(2, 16))
     with pytest.raises(ValueError, match="must be positive"):
         sd.BottleneckAdapter(0, 8)
+
+
+def test_draft_vocab_is_checked():
+    adapter = sd.BottleneckAdapter(8, 4)
+    with pytest.raises(ValueError, match="distinct non-negative"):
+        adapter.set_draft_vocab(torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="1-D tensor of token ids"):
+        adapter.set_draft_vocab(torch.tensor([[1, 2]]))
+    adapter.set_draft_vocab(torch.tensor([3, 40]))
+    with pytest.raises(ValueError, match="holds token id 40, but the verifier's LM head has 10 tokens"):
+        adapter.draft_head(torch.zeros(10, 8))

@@ -247,3 +247,22 @@ def test_every_backend_runs_the_loop(backend, tree):
     out = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], adapter=adapter, tree=TREES[tree]).generate(
         ids, 10, attention_mask=mask)
     assert torch.equal(out.sequences, reference(ids, mask, 10))
+
+
+@pytest.mark.parametrize("tree", ["chain4", "static", "dynamic"])
+def test_reduced_draft_vocabulary(tree):
+    """An adapter's draft_vocab: drafts are scored over those verifier tokens only. Holding every token the
+    verifier emits, the identical drafter still accepts everything; holding none of them, nothing is
+    accepted; greedy output is the verifier's either way."""
+    ids, mask = left_padded_prompts([5, 3], 4)
+    expected = reference(ids, mask, 13)
+    emitted = expected[:, ids.shape[1]:].unique()
+    others = torch.tensor([t for t in range(VOCAB) if t not in set(emitted.tolist())])
+    rates = []
+    for vocab in (torch.cat([emitted, others[:5]]), others):
+        adapter = sd.BottleneckAdapter(64, 16, draft_vocab=vocab)
+        out = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["identical"], adapter=adapter,
+                                    tree=TREES[tree]).generate(ids, 13, attention_mask=mask)
+        assert torch.equal(out.sequences, expected)
+        rates.append(out.stats["acceptance_rate"])
+    assert rates == [1.0, 0.0]

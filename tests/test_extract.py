@@ -1,4 +1,5 @@
 """extract: prefix-conditioned (drafter state, verifier state, next token) rows, shards, resume."""
+import copy
 import json
 
 import pytest
@@ -65,3 +66,31 @@ def test_errors(tmp_path):
         extract_pairs(TARGET, TARGET, samples(1), str(tmp_path / "x"), draft_layers=3, progress=False)
     with pytest.raises(FileNotFoundError, match="run sdalign-rt extract first"):
         load_pairs(str(tmp_path / "nothing"))
+
+
+def test_batched_generation_keeps_rows_prefix_conditioned(tmp_path):
+    """Left-padded batches of prompts: every stored token is the verifier's argmax on its own unpadded prefix,
+    continuations stop after their first EOS, and given continuations are not regenerated."""
+    plain = samples(5, seed=3)
+    extract_pairs(TARGET, TARGET, plain, str(tmp_path / "plain"), max_new_tokens=6, batch_size=3, progress=False)
+    verifier = copy.deepcopy(TARGET)
+    eos = int(plain[0].continuation[0, 2])  # a token some row emits mid-way: that row must stop after it
+    verifier.generation_config.eos_token_id = eos
+    todo = samples(5, seed=3)
+    extract_pairs(verifier, verifier, todo, str(tmp_path), max_new_tokens=6, batch_size=3, dtype=torch.float32,
+                  progress=False)
+    rows = load_pairs(str(tmp_path))
+    assert todo[0].continuation.shape[1] == 3 and todo[0].continuation[0, -1] == eos
+    eos = {eos}
+    start = 0
+    for sample in todo:
+        cont = sample.continuation[0]
+        assert not any(int(t) in eos for t in cont[:-1])
+        full = torch.cat([sample.input_ids[0], cont])[None]
+        with torch.no_grad():
+            argmax = TARGET(full).logits[0, sample.input_ids.shape[1] - 1: -1].argmax(-1)
+        assert torch.equal(argmax, cont) and torch.equal(rows["next_token"][start: start + len(cont)], cont)
+        start += len(cont)
+    given = ExtractSample(id="given", input_ids=todo[0].input_ids, continuation=torch.tensor([[7, 8]]))
+    extract_pairs(TARGET, TARGET, [given], str(tmp_path / "g"), batch_size=4, progress=False)
+    assert load_pairs(str(tmp_path / "g"))["next_token"].tolist() == [7, 8]

@@ -76,10 +76,40 @@ def test_errors(tmp_path):
     nan["draft_hidden"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         ta.train_adapter(nan, CONFIG, progress=False)
-    with pytest.raises(ValueError, match="needs the verifier's LM head"):
+    with pytest.raises(ValueError, match="need the verifier.s LM head"):
         ta.train_adapter(bad, ta.TrainConfig(ce_weight=1.0), progress=False)
     ta.train_adapter(bad, ta.TrainConfig(bottleneck=8, epochs=1), out_dir=str(tmp_path), progress=False)
     _, log = ta.train_adapter(bad, ta.TrainConfig(bottleneck=8, epochs=2), out_dir=str(tmp_path), progress=False)
     assert [h["epoch"] for h in log["history"]] == [0, 1]  # more epochs: resumed, not restarted
     with pytest.raises(ValueError, match="another TrainConfig"):
         ta.train_adapter(bad, ta.TrainConfig(bottleneck=8, epochs=3, lr=0.5), out_dir=str(tmp_path), progress=False)
+
+
+def test_input_norm_and_reduced_draft_vocab(tmp_path):
+    """A raw residual-stream input (large, shifted scale) with a learned input norm, and a draft vocabulary of
+    the most frequent training tokens: training lowers the loss, the head rows follow draft_vocab, and both
+    survive save / load."""
+    data = rows()
+    data["draft_hidden"] = data["draft_hidden"] * 40.0
+    data["next_token"] = torch.cat([torch.zeros(400, dtype=torch.long), torch.arange(200) % 7 + 1])
+    head = torch.nn.Linear(32, 50, bias=False)
+    config = ta.TrainConfig(bottleneck=16, epochs=6, ce_weight=0.1, patience=20, input_norm=True, draft_vocab=4)
+    adapter, log = ta.train_adapter(data, config, lm_head=head, out_dir=str(tmp_path), progress=False,
+                                    norm_init=torch.full((32,), 0.5))
+    assert log["best_val_loss"] < log["initial_val_loss"]
+    assert adapter.input_norm and adapter.draft_vocab.tolist() == sorted(adapter.draft_vocab.tolist())
+    assert 0 in adapter.draft_vocab.tolist() and len(adapter.draft_vocab) == 4
+    torch.testing.assert_close(adapter.draft_head(head.weight), head.weight[adapter.draft_vocab])
+    loaded = sd.BottleneckAdapter.from_pretrained(str(tmp_path))
+    assert loaded.config() == adapter.config() and torch.equal(loaded.draft_vocab, adapter.draft_vocab)
+    x = data["draft_hidden"][:3]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), adapter(x))
+        # the input norm makes the adapter blind to the input's scale
+        torch.testing.assert_close(adapter(x * 3), adapter(x), rtol=1e-4, atol=1e-4)
+
+
+def test_frequent_tokens():
+    tokens = torch.tensor([5, 5, 5, 2, 2, 9, 1, 1, 1, 1])
+    assert ta.frequent_tokens(tokens, 2).tolist() == [1, 5]
+    assert ta.frequent_tokens(tokens, 10).tolist() == [1, 2, 5, 9]
