@@ -170,7 +170,9 @@ def _train_adapter(args) -> int:
     if args.draft and args.input_norm:
         from transformers import AutoModelForCausalLM
 
-        norm_init = AutoModelForCausalLM.from_pretrained(args.draft).get_decoder().norm.weight.detach()
+        from sdalign_rt.shallow import final_norm
+
+        norm_init = final_norm(AutoModelForCausalLM.from_pretrained(args.draft)).weight.detach()
     config = TrainConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainConfig)})
     _, log = train_adapter(rows, config, out_dir=args.out, lm_head=lm_head, norm_init=norm_init)
     print(json.dumps({k: log[k] for k in ("rows", "initial_val_loss", "best_val_loss", "best_epoch", "epochs_run")},

@@ -27,7 +27,7 @@ from sdalign_rt import checks, ops
 from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.model_runner import ModelRunner
 from sdalign_rt.sampling import check_sampling_args, warped_probs
-from sdalign_rt.shallow import merged_input_embeddings, shallow_view
+from sdalign_rt.shallow import final_norm, merged_input_embeddings, shallow_view
 from sdalign_rt.trees import TreeSpec, ancestor_closure, select_dynamic_tree
 from sdalign_rt.vocab import VocabMap
 
@@ -119,7 +119,7 @@ class SpeculativeDecoder:
         norm first), or the verifier's head on the adapted state (aligned)."""
         if self.adapter is None:
             if self.draft_layers is not None:
-                logits = self.draft.get_output_embeddings()(self.draft.get_decoder().norm(hidden))
+                logits = self.draft.get_output_embeddings()(final_norm(self.draft)(hidden))
             if self.vocab_map is not None:  # the drafter's vocabulary lifted into the verifier's
                 logits = self._device_map(logits.device).target_scores(logits, len(self.vocab_map.to_draft))
             return logits

@@ -12,8 +12,33 @@ import copy
 from torch import nn
 
 
+# Where decoder stacks keep their block list and final norm: LLaMA-family (layers, norm), GPT-NeoX
+# (layers, final_layer_norm), GPT-2 / GPT-J (h, ln_f), Falcon (h, ln_f), Phi-1/2 (layers, final_layernorm), MPT (blocks, norm_f).
+_LAYER_LISTS = ("layers", "h", "blocks", "block")
+_FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+
+
+def _attribute(decoder, names, kind: str) -> str:
+    for name in names:
+        if isinstance(getattr(decoder, name, None), nn.Module):
+            return name
+    raise ValueError(f"shallow drafting cannot find the {kind} of {type(decoder).__name__} (looked for "
+                     f"{', '.join(names)})")
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    decoder = model.get_decoder()
+    return getattr(decoder, _attribute(decoder, _LAYER_LISTS, "decoder layer list"))
+
+
+def final_norm(model) -> nn.Module:
+    """The norm the model applies to its last layer's output before the LM head."""
+    decoder = model.get_decoder()
+    return getattr(decoder, _attribute(decoder, _FINAL_NORMS, "final norm"))
+
+
 def num_decoder_layers(model) -> int:
-    return len(model.get_decoder().layers)
+    return len(decoder_layers(model))
 
 
 def check_draft_layers(model, k) -> None:
@@ -26,10 +51,11 @@ def shallow_view(model, k: int):
     """The first k decoder layers of `model` as a module returning raw layer-k hidden states."""
     check_draft_layers(model, k)
     decoder = model.get_decoder()
+    layers, norm = _attribute(decoder, _LAYER_LISTS, "decoder layer list"), _attribute(decoder, _FINAL_NORMS, "final norm")
     view = copy.copy(decoder)
     view._modules = dict(decoder._modules)  # a copy.copy shares this dict: give the view its own
-    view.layers = nn.ModuleList(list(decoder.layers)[:k])
-    view.norm = nn.Identity()
+    setattr(view, layers, nn.ModuleList(list(getattr(decoder, layers))[:k]))
+    setattr(view, norm, nn.Identity())
     view.config = copy.copy(decoder.config)
     view.config.num_hidden_layers = k
     if getattr(view.config, "layer_types", None) is not None:
@@ -48,7 +74,7 @@ def merged_input_embeddings(model, input_ids, **model_inputs):
     def stop(module, args, kwargs):
         raise _Captured(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
-    handle = model.get_decoder().layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    handle = decoder_layers(model)[0].register_forward_pre_hook(stop, with_kwargs=True)
     try:
         model(input_ids=input_ids, use_cache=False, **model_inputs)
     except _Captured as captured:

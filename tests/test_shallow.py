@@ -105,3 +105,51 @@ def test_shallow_llava_drafter_with_images_matches_its_own_layers():
     out = sd.SpeculativeDecoder(target=target, draft=draft, tree=TREES["static"], draft_layers=1).generate(
         ids, 12, attention_mask=mask, target_inputs={"pixel_values": pixels}, draft_inputs={"pixel_values": pixels})
     assert torch.equal(out.sequences, expected)
+
+
+@pytest.mark.parametrize("lengths", [[5], [6, 3]])
+@pytest.mark.parametrize("tree", ["chain4", "dynamic"])
+def test_shallow_drafting_through_a_normed_reduced_vocab_adapter(lengths, tree):
+    """The demo's drafter: layer-k states → input norm → adapter → the verifier's head restricted to a draft
+    vocabulary. Greedy output stays the verifier's."""
+    ids, mask = left_padded_prompts(lengths, 7)
+    adapter = sd.BottleneckAdapter(64, 16, input_norm=True, draft_vocab=torch.arange(0, 90, 3))
+    torch.nn.init.normal_(adapter.up.weight, std=0.02)
+    decoder = sd.SpeculativeDecoder(target=TARGET4, draft=TARGET4, adapter=adapter, tree=TREES[tree], draft_layers=2)
+    assert torch.equal(decoder.generate(ids, 14, attention_mask=mask).sequences, generate_reference(ids, mask, 14))
+
+
+def _tiny(kind: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    llama_like = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, max_position_embeddings=256)
+    config = {"qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2, **llama_like),
+              "gpt_neox": lambda: tf.GPTNeoXConfig(**llama_like),  # layers + final_layer_norm
+              "gpt2": lambda: tf.GPT2Config(vocab_size=100, n_embd=64, n_layer=3, n_head=4)}[kind]()  # h + ln_f
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    from sdalign_rt.models.tiny import finish_random_model
+
+    return finish_random_model(model)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt_neox", "gpt2"])
+def test_other_architectures_draft_from_their_first_layer(kind):
+    """The view finds each family's block list and final norm; self-speculative decoding stays lossless."""
+    model = _tiny(kind)
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    for tree in (sd.TreeSpec.chain(3), sd.TreeSpec.dynamic(2, 3, 5)):
+        out = sd.SpeculativeDecoder(model, model, tree=tree, draft_layers=1).generate(ids, 12, attention_mask=mask)
+        assert torch.equal(out.sequences, expected)
+
+
+def test_a_model_without_a_known_layer_list_is_refused():
+    class Odd(torch.nn.Module):
+        def get_decoder(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="cannot find the decoder layer list of Linear"):
+        shallow_view(Odd(), 1)

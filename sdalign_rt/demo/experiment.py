@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from sdalign_rt.demo import prompts as demo_prompts
 from sdalign_rt.demo import smollm2
+from sdalign_rt.shallow import final_norm, num_decoder_layers
 
 # Picked by `sdalign-rt sweep-depth` on the embedded default (bench/results/sweep_depth_cpu.json): the depth with
 # the best measured speedup on CPU.
@@ -38,7 +39,7 @@ class DemoConfig:
     generation_batch: int = 32
     bottleneck: int = 256
     draft_vocab: int = 8192
-    epochs: int = 12
+    epochs: int = 30  # early stopping (patience 3) usually ends it sooner
     seed: int = 0
     eval_prompts: int = 12  # how many of the fixed held-out prompts to run
     train_prompts: int = 0  # how many training prompts to distil (0: all)
@@ -109,7 +110,7 @@ def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig
     train = TrainConfig(bottleneck=config.bottleneck, epochs=config.epochs, ce_weight=1.0, input_norm=True,
                         draft_vocab=config.draft_vocab, patience=3, seed=config.seed)
     adapter, log = train_adapter(rows, train, out_dir=out, lm_head=model.get_output_embeddings(),
-                                 norm_init=model.get_decoder().norm.weight.detach(), progress=progress)
+                                 norm_init=final_norm(model).weight.detach(), progress=progress)
     _, held_out = split_rows(len(rows["next_token"]), train.val_fraction, train.seed)
     held = {key: value[held_out.sort().values] for key, value in rows.items() if key != "meta"}
     report = evaluate_alignment(adapter, held, model.get_output_embeddings(), gamma=3)
@@ -178,7 +179,7 @@ def measure(model, tokenizer, adapter, k: int, config: DemoConfig, progress: boo
         "token_acceptance": _token_acceptance(per_position, rows),
         "mean_accepted": (totals["accepted"] + rows) / rows,
         "per_position_acceptance": [c / rows for c in per_position],
-        "draft_layers": k, "num_layers": len(model.get_decoder().layers), "tree": config.tree,
+        "draft_layers": k, "num_layers": num_decoder_layers(model), "tree": config.tree,
         "draft_token_ms": 1e3 * draft_token_s, "verifier_token_ms": 1e3 * verifier_token_s,
         "draft_cost_ratio": draft_token_s / verifier_token_s,
         "timings_s": {key: totals[key] for key in ("baseline_s", "spec_s", "draft_s", "verify_forward_s",

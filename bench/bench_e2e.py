@@ -1,0 +1,333 @@
+"""Step cost at the real 7B dims: what a draft, a verify and the bookkeeping cost, and what that projects.
+
+    python3 bench/bench_e2e.py [--device cuda] [--context N] [--prefill-layers N] [--sweep PATH] [--quick]
+
+Models: the exact Vicuna-7B architecture (LlamaConfig: hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000),
+bf16, random weights (timing does not depend on weight values), one model serving as verifier and, through
+`draft_layers=k` views of its first k layers, as drafter (EventGPT's LLM is the same architecture); the
+vision towers at their real sizes (CLIP ViT-L/14 at 224 px: EventGPT's event images, Video-LLaVA's 8 frames).
+
+Measured (median, p10 / p90):
+  draft_cost      one drafted token with the first k layers, k in 1, 2, 4, 8, 16, 32, plus the adapter and the
+                  verifier's LM head it drafts through;
+  verify_cost     one verifier forward over T tree nodes (T in 1 .. 128) on top of the context;
+  prefill         the drafter's k-layer prefill of 582 event tokens vs the verifier's prefill of 8 x 257 video
+                  tokens (+ text). With --prefill-layers N (the CPU default) both are timed at 1 and N layers and
+                  scaled linearly to k / 32 layers (each layer costs the same; labelled "scaled");
+  vision          the towers on their inputs;
+  decode_step     SpeculativeDecoder(draft_layers=k, chain) on the 7B model: per step draft / verify forward /
+                  bookkeeping, and bookkeeping as a share of a verifier forward (target <= 3%).
+Projected (labelled as such): speedup for alpha in 0.3 / 0.5 / 0.7, and for the per-draft acceptance per k
+measured on the embedded default (--sweep, from `sdalign-rt sweep-depth`), from the measured costs:
+  speedup(k, gamma) = E[tokens](a, gamma) * verify(1) / (verify(gamma + 1) + gamma * draft(k) + bookkeeping).
+CUDA graphs for the draft and verify steps are issue 5's GPU work and are not measured by this script yet.
+Writes bench/results/e2e_<device>.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import sdalign_rt as sd
+from sdalign_rt.eval_alignment import expected_tokens
+from sdalign_rt.shallow import shallow_view
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import time_call  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+EVENT_TOKENS = 582  # EventGPT's event features in the prompt
+VIDEO_TOKENS = 8 * 257  # Video-LLaVA: 8 frames x (256 patches + CLS) of ViT-L/14 at 224 px
+TEXT_TOKENS = 48
+DEPTHS = (1, 2, 4, 8, 16, 32)
+TREE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def vicuna_7b(smoke: bool = False):
+    """The Vicuna-7B LlamaConfig; smoke: the same 32 layers and vocab at toy width (tests of this script)."""
+    from transformers import LlamaConfig
+
+    width = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2) if smoke else \
+        dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+    return LlamaConfig(vocab_size=32000, num_hidden_layers=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       attn_implementation="sdpa", **width)
+
+
+def random_model(config, device, dtype=torch.bfloat16):
+    """Build on the meta device, then fill every tensor in place: no fp32 copy, no slow init."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # its buffers were left empty
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def ms(stats: dict) -> dict:
+    return {k.replace("_us", "_ms"): v / 1e3 for k, v in stats.items() if k.endswith("_us")} | {"reps": stats["reps"]}
+
+
+def timed(fn, device, quick: bool) -> dict:
+    if device.type == "cuda":
+        from timing import time_cuda
+
+        return ms(time_cuda(fn, reps=10 if quick else 30, warmup=3))
+    from timing import time_cpu
+
+    return ms(time_cpu(fn, min_reps=2 if quick else 3, min_seconds=0.0, warmup=1))
+
+
+def _runner_with_context(model, context: int, device):
+    from sdalign_rt.model_runner import ModelRunner
+
+    runner = ModelRunner(model, 1, device, capacity=context + 160)
+    ids = torch.randint(1, 32000, (1, context), device=device)
+    runner.extend(ids, torch.ones_like(ids, dtype=torch.bool))
+    return runner
+
+
+@torch.no_grad()
+def draft_costs(model, adapter, context: int, device, quick: bool) -> dict:
+    """One drafted token through the first k layers (k-layer cache of `context` tokens) + adapter + LM head."""
+    head = model.get_output_embeddings()
+    rows = {}
+    for k in DEPTHS:
+        runner = _runner_with_context(shallow_view(model, k), context, device)
+        token = torch.randint(1, 32000, (1, 1), device=device)
+        mask = torch.ones(1, 1, 1, dtype=torch.bool, device=device)
+        length = runner.length
+
+        def step():
+            _, hidden = runner.forward(token, mask, runner.next_positions()[:, None])
+            logits = head(adapter(hidden))
+            runner.crop(length)
+            return logits.argmax(-1)
+
+        rows[str(k)] = timed(step, device, quick)
+        del runner
+    return rows
+
+
+@torch.no_grad()
+def verify_costs(model, context: int, device, quick: bool) -> dict:
+    runner = _runner_with_context(model, context, device)
+    length = runner.length
+    rows = {}
+    for nodes in TREE_SIZES:
+        tokens = torch.randint(1, 32000, (1, nodes), device=device)
+        mask = torch.ones(nodes, nodes, dtype=torch.bool, device=device).tril()[None]  # a chain: the costliest mask
+        positions = runner.next_positions()[:, None] + torch.arange(nodes, device=device)
+
+        def step():
+            logits, _ = runner.forward(tokens, mask, positions)
+            runner.crop(length)
+            return logits.argmax(-1)
+
+        rows[str(nodes)] = timed(step, device, quick)
+    return rows
+
+
+@torch.no_grad()
+def prefill_costs(model, device, quick: bool, scale_from: int | None) -> dict:
+    """The drafter's k-layer prefill of the event tokens, the verifier's full prefill of the video tokens."""
+    hidden = model.config.hidden_size
+    results = {"event_tokens": EVENT_TOKENS + TEXT_TOKENS, "video_tokens": VIDEO_TOKENS + TEXT_TOKENS}
+
+    def prefill(view, tokens):
+        embeds = torch.randn(1, tokens, hidden, device=device, dtype=model.dtype) * 0.02
+        ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+
+        def run():
+            runner = _new_runner(view, tokens, device)
+            runner.extend(ids, mask, inputs_embeds=embeds)
+
+        return timed(run, device, True if scale_from else quick)
+
+    if scale_from:  # time 1 and N layers, scale linearly (labelled)
+        for name, tokens in (("drafter", results["event_tokens"]), ("verifier", results["video_tokens"])):
+            one, many = prefill(shallow_view(model, 1), tokens), prefill(shallow_view(model, scale_from), tokens)
+            per_layer = (many["median_ms"] - one["median_ms"]) / (scale_from - 1)
+            base = one["median_ms"] - per_layer
+            results[name] = {"per_layer_ms": per_layer, "fixed_ms": base,
+                             "measured": {"1": one, str(scale_from): many},
+                             "by_layers_ms": {str(k): base + k * per_layer for k in DEPTHS}}
+        results["scaled_from_layers"] = scale_from
+    else:
+        results["drafter"] = {"by_layers": {str(k): prefill(shallow_view(model, k), results["event_tokens"])
+                                            for k in DEPTHS}}
+        results["verifier"] = {"by_layers": {"32": prefill(shallow_view(model, 32), results["video_tokens"])}}
+    return results
+
+
+def _new_runner(view, tokens, device):
+    from sdalign_rt.model_runner import ModelRunner
+
+    return ModelRunner(view, 1, device, capacity=tokens + 8)
+
+
+@torch.no_grad()
+def vision_costs(device, quick: bool, smoke: bool = False) -> dict:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2) if smoke else \
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+    config = CLIPVisionConfig(image_size=224, patch_size=14, projection_dim=768, **size)
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(config).to(device=device, dtype=torch.bfloat16).eval()  # ~0.3B params: plain init
+    rows = {}
+    for name, images in (("eventgpt_event_images_5", 5), ("video_llava_frames_8", 8)):
+        pixels = torch.randn(images, 3, 224, 224, device=device, dtype=torch.bfloat16)
+        rows[name] = timed(lambda: tower(pixel_values=pixels), device, quick)
+    return rows
+
+
+@torch.no_grad()
+def decode_steps(model, adapter, k: int, context: int, device, new_tokens: int) -> dict:
+    """SpeculativeDecoder on the 7B model (self-speculative, chain of 4): the per-step split."""
+    decoder = sd.SpeculativeDecoder(model, model, adapter=adapter, tree=sd.TreeSpec.chain(4), draft_layers=k)
+    ids = torch.randint(1, 32000, (1, context), device=device)
+    decoder.generate(ids, 4)  # warm-up
+    out = decoder.generate(ids, new_tokens)
+    timings, steps = out.stats["timings"], max(out.stats["steps"], 1)
+    return {"draft_layers": k, "steps": out.stats["steps"],
+            "per_step_ms": {key: 1e3 * timings[key] / steps for key in ("draft_s", "verify_forward_s", "bookkeeping_s")},
+            "bookkeeping_share_of_verify": out.stats["bookkeeping_share_of_verify"]}
+
+
+def projections(result: dict, sweep: dict | None, gammas=(1, 2, 3, 4, 5)) -> dict:
+    """Projected speedups from the measured costs (ms); labelled as projections in the JSON."""
+    verify = {int(n): v["median_ms"] for n, v in result["verify_cost"].items()}
+    draft = {int(k): v["median_ms"] for k, v in result["draft_cost"].items()}
+    bookkeeping = result["decode_step"]["per_step_ms"]["bookkeeping_s"]
+
+    def speedup(a, k, gamma):
+        step = verify[gamma + 1] if gamma + 1 in verify else verify[max(verify)]
+        return expected_tokens(a, gamma) * verify[1] / (step + gamma * draft[k] + bookkeeping)
+
+    table = {"note": "PROJECTED from measured costs and an assumed or measured per-draft acceptance a", "alpha": {}}
+    for a in (0.3, 0.5, 0.7):
+        table["alpha"][str(a)] = {str(k): max((speedup(a, k, g), g) for g in gammas) for k in draft}
+    if sweep:
+        table["embedded_default_acceptance"] = {}
+        for row in sweep["rows"]:
+            k, a = row["draft_layers"], row["token_acceptance"]
+            if k in draft:
+                best = max((speedup(a, k, g), g) for g in gammas)
+                table["embedded_default_acceptance"][str(k)] = {"a": a, "speedup": best[0], "gamma": best[1]}
+    return table
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    ks = [int(k) for k in result["draft_cost"]]
+    left.plot(ks, [v["median_ms"] for v in result["draft_cost"].values()], "o-", label="draft token (k layers)")
+    left.axhline(result["verify_cost"]["1"]["median_ms"], color="grey", ls="--", label="verifier token (32 layers)")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("draft_layers k")
+    left.set_ylabel("ms")
+    left.legend(fontsize=8)
+    sizes = [int(n) for n in result["verify_cost"]]
+    right.plot(sizes, [v["median_ms"] for v in result["verify_cost"].values()], "o-")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("tree nodes in one verifier forward")
+    right.set_ylabel("ms")
+    fig.suptitle(f"Vicuna-7B architecture, bf16, {result['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--context", type=int, default=None, help="tokens already in the cache (default: 582 event "
+                        "tokens + text on CUDA, 128 on CPU)")
+    parser.add_argument("--prefill-layers", type=int, default=None, help="time prefill at 1 and N layers and scale "
+                        "(default: 2 on CPU, off on CUDA)")
+    parser.add_argument("--decode-layers", type=int, default=4, help="draft_layers of the decode-step split")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--sweep", default=os.path.join(RESULTS, "sweep_depth_cpu.json"),
+                        help="sweep-depth JSON whose per-k acceptance feeds the projection")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="toy widths (a test of this script, not a benchmark)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cpu = device.type == "cpu"
+    context = args.context or (128 if cpu else EVENT_TOKENS + TEXT_TOKENS)
+    scale_from = args.prefill_layers if args.prefill_layers is not None else (2 if cpu else None)
+    started = time.time()
+    config = vicuna_7b(args.smoke)
+    model = random_model(config, device)
+    adapter = sd.BottleneckAdapter(config.hidden_size, 256, dtype=torch.bfloat16, device=device)
+    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else _cpu_name(),
+              "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+              "dtype": "bfloat16", "context_tokens": context, "architecture": "SMOKE (toy width)" if args.smoke else "Vicuna-7B (LlamaConfig), random weights"}
+    print("draft cost per token by k ...", flush=True)
+    result["draft_cost"] = draft_costs(model, adapter, context, device, args.quick)
+    print("verify cost by tree size ...", flush=True)
+    result["verify_cost"] = verify_costs(model, context, device, args.quick)
+    print("prefill ...", flush=True)
+    result["prefill"] = prefill_costs(model, device, args.quick, scale_from)
+    print("vision towers ...", flush=True)
+    result["vision"] = vision_costs(device, args.quick, args.smoke)
+    print("decode steps ...", flush=True)
+    result["decode_step"] = decode_steps(model, adapter, args.decode_layers, context, device,
+                                         args.new_tokens or (8 if cpu else 64))
+    verify_one = result["verify_cost"]["1"]["median_ms"]
+    result["draft_cost_ratio"] = {k: v["median_ms"] / verify_one for k, v in result["draft_cost"].items()}
+    sweep = None
+    if args.sweep and os.path.isfile(args.sweep):
+        with open(args.sweep) as f:
+            sweep = json.load(f)
+        result["sweep_source"] = os.path.relpath(args.sweep, os.path.dirname(RESULTS))
+    result["projected_speedup"] = projections(result, sweep)
+    result["seconds"] = time.time() - started
+    os.makedirs(RESULTS, exist_ok=True)
+    out = args.out or os.path.join(RESULTS, f"e2e_{device.type}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, os.path.splitext(out)[0] + ".png")
+    print(json.dumps({"draft_cost_ratio": result["draft_cost_ratio"],
+                      "verify_ms": {n: v["median_ms"] for n, v in result["verify_cost"].items()},
+                      "decode_step": result["decode_step"]}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
