@@ -51,6 +51,7 @@ def shallow_view(model, k: int):
     """The first k decoder layers of `model` as a module returning raw layer-k hidden states."""
     check_draft_layers(model, k)
     decoder = model.get_decoder()
+    _install_output_hooks(decoder)
     layers, norm = _attribute(decoder, _LAYER_LISTS, "decoder layer list"), _attribute(decoder, _FINAL_NORMS, "final norm")
     view = copy.copy(decoder)
     view._modules = dict(decoder._modules)  # a copy.copy shares this dict: give the view its own
@@ -61,6 +62,18 @@ def shallow_view(model, k: int):
     if getattr(view.config, "layer_types", None) is not None:
         view.config.layer_types = list(view.config.layer_types)[:k]
     return view
+
+
+def _install_output_hooks(decoder) -> None:
+    """transformers >= 5 records output_hidden_states with forward hooks on the layers, installed once per model
+    object on its first such call. A view made before that would install a second set on the layers it shares,
+    and the full model would then record those layers twice (hidden_states[k] silently shifts). Install the
+    model's hooks first: the view copies its "installed" flag and never adds its own."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers 4.x returns hidden states without hooks
+        return
+    maybe_install_capturing_hooks(decoder)
 
 
 class _Captured(Exception):

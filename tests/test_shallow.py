@@ -153,3 +153,19 @@ def test_a_model_without_a_known_layer_list_is_refused():
 
     with pytest.raises(ValueError, match="cannot find the decoder layer list of Linear"):
         shallow_view(Odd(), 1)
+
+
+def test_a_view_never_shifts_the_full_models_hidden_states():
+    """A view used (with hidden states requested) before the full model ever returned hidden states must not
+    make the full model record its shared layers twice: output_hidden_states[k] stays layer k's output."""
+    model = tiny_llama(5, layers=4)
+    reference = tiny_llama(5, layers=4)
+    ids = torch.randint(1, 90, (1, 6), generator=torch.Generator().manual_seed(2))
+    view = shallow_view(model, 2)
+    with torch.no_grad():
+        view(input_ids=ids, output_hidden_states=True)
+        mine = model(input_ids=ids, output_hidden_states=True).hidden_states
+        expected = reference(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(mine) == len(expected) == 5
+    for a, b in zip(mine, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -26,7 +26,7 @@ from sdalign_rt.shallow import final_norm, num_decoder_layers
 
 # Picked by `sdalign-rt sweep-depth` on the embedded default (bench/results/sweep_depth_cpu.json): the depth with
 # the best measured speedup on CPU.
-DEFAULT_DRAFT_LAYERS = 4
+DEFAULT_DRAFT_LAYERS = 2
 
 
 @dataclass
@@ -105,7 +105,8 @@ def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig
             return BottleneckAdapter.from_pretrained(out, dtype=model.dtype), json.load(f)
     samples = training_samples(model, tokenizer, cache_dir, config, progress)
     pairs = os.path.join(cache_dir, f"pairs-k{k}-{config.dtype}-p{len(samples)}-n{config.train_new_tokens}")
-    extract_pairs(model, model, samples, pairs, draft_layers=k, dtype=torch.float32, progress=progress)
+    extract_pairs(model, model, samples, pairs, max_new_tokens=config.train_new_tokens, draft_layers=k,
+                  dtype=torch.float32, progress=progress)
     rows = load_pairs(pairs)
     train = TrainConfig(bottleneck=config.bottleneck, epochs=config.epochs, ce_weight=1.0, input_norm=True,
                         draft_vocab=config.draft_vocab, patience=3, seed=config.seed)
