@@ -35,6 +35,7 @@ import time
 import torch
 
 import sdalign_rt as sd
+from sdalign_rt.demo.experiment import cpu_name
 from sdalign_rt.eval_alignment import expected_tokens
 from sdalign_rt.shallow import shallow_view
 
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
     config = vicuna_7b(args.smoke)
     model = random_model(config, device)
     adapter = sd.BottleneckAdapter(config.hidden_size, 256, dtype=torch.bfloat16, device=device)
-    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else _cpu_name(),
+    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else cpu_name(),
               "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
               "dtype": "bfloat16", "context_tokens": context, "architecture": "SMOKE (toy width)" if args.smoke else "Vicuna-7B (LlamaConfig), random weights"}
     print("draft cost per token by k ...", flush=True)
@@ -316,17 +317,6 @@ def main(argv=None) -> int:
                       "decode_step": result["decode_step"]}, indent=2))
     print(f"wrote {out}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

@@ -203,10 +203,10 @@ def environment() -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": _cpu_name()}
+            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": cpu_name()}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
