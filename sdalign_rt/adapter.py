@@ -71,7 +71,9 @@ class BottleneckAdapter(nn.Module):
                              f"verifier's LM head has {lm_head_weight.shape[0]} tokens")
         return lm_head_weight[self.draft_vocab.to(lm_head_weight.device)]
 
-    def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
+    def normalize_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The input norm (identity without one): what the down / up projections read. Callers that run the
+        projections themselves (the fused adapter + cosine op) must apply it first."""
         if self.norm is None:
             return hidden
         x = hidden.float()
@@ -86,7 +88,7 @@ class BottleneckAdapter(nn.Module):
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"adapter expects hidden size {self.hidden_size}, got input of shape "
                              f"{tuple(hidden.shape)}")
-        hidden = self._normed(hidden)
+        hidden = self.normalize_input(hidden)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return self._forward_autograd(hidden)
         if self.residual:

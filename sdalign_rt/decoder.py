@@ -352,9 +352,10 @@ class SpeculativeDecoder:
         within the cosine threshold of the verifier's state there (the two states that predict token i)."""
         adapter = self.adapter
         if adapter is not None and adapter.residual:
+            normed = adapter.normalize_input(draft.node_hidden)
             _, sims, close, _ = ops.adapter_cosine_accept(
-                draft.node_hidden, target_hidden.to(draft.node_hidden.dtype), adapter.down.weight,
-                adapter.down.bias, adapter.up.weight, adapter.up.bias, self.feature_threshold, "relaxed")
+                normed, target_hidden.to(normed.dtype), adapter.down.weight, adapter.down.bias, adapter.up.weight,
+                adapter.up.bias, self.feature_threshold, "relaxed")
         else:
             adapted = adapter(draft.node_hidden) if adapter is not None else draft.node_hidden
             _, close, _ = ops.cosine_accept(adapted, target_hidden.to(adapted.dtype), self.feature_threshold, "relaxed")

@@ -169,3 +169,22 @@ def test_a_view_never_shifts_the_full_models_hidden_states():
     assert len(mine) == len(expected) == 5
     for a, b in zip(mine, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_feature_mode_applies_the_adapters_input_norm():
+    """Feature mode's fused adapter + cosine path must see the adapter's input norm too. Drafter = verifier cut
+    at all its layers (raw last state) and an identity adapter whose input norm is the model's final norm:
+    the adapted state is the verifier's own state, so every draft passes a 0.999 threshold and the output is
+    the verifier's."""
+    model = tiny_llama(3, layers=2)
+    with torch.no_grad():
+        model.model.norm.weight.copy_(torch.rand(64, generator=torch.Generator().manual_seed(0)) * 2 + 0.1)
+    ids, mask = left_padded_prompts([5, 3], 2)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=11, do_sample=False)
+    adapter = sd.BottleneckAdapter(64, 8, input_norm=True, norm_eps=model.config.rms_norm_eps)
+    with torch.no_grad():
+        adapter.norm.copy_(model.model.norm.weight)
+    out = sd.SpeculativeDecoder(target=model, draft=model, adapter=adapter, mode="feature", tree=TREES["chain4"],
+                                draft_layers=2, feature_threshold=0.999).generate(ids, 11, attention_mask=mask)
+    assert out.stats["acceptance_rate"] == 1.0 and out.stats["feature_mismatches"] == 0
+    assert torch.equal(out.sequences, expected)
