@@ -186,7 +186,7 @@ def _eval_alignment(args) -> int:
     import sdalign_rt as sd
     from sdalign_rt.eval_alignment import evaluate_alignment, write_report
     from sdalign_rt.extract import load_pairs
-    from sdalign_rt.train_adapter import LOG, split_rows
+    from sdalign_rt.train_adapter import LOG, held_out_rows
 
     rows = load_pairs(args.pairs)
     if args.split == "val":  # the rows train-adapter held out, from its log's seed and fraction
@@ -195,9 +195,7 @@ def _eval_alignment(args) -> int:
             raise SystemExit(f"sdalign-rt eval-alignment: --split val needs {log_path} (or use --split all)")
         with open(log_path) as f:
             config = json.load(f)["config"]
-        _, held_out = split_rows(len(rows["next_token"]), config["val_fraction"], config["seed"])
-        held_out = held_out.sort().values
-        rows = {k: (v[held_out] if hasattr(v, "shape") else v) for k, v in rows.items()}
+        rows = held_out_rows(rows, config["val_fraction"], config["seed"])
     measured = None
     if args.measured:
         with open(args.measured) as f:

@@ -10,6 +10,7 @@ tau / alpha measured in the real decoding loop when given.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -47,9 +48,11 @@ def evaluate_alignment(adapter, rows: dict, lm_head, *, gamma: int = 4, cost_rat
     draft = rows["draft_hidden"].float()
     target = rows["target_hidden"].float()
     tokens = rows["next_token"].long()
-    adapted = adapter.float().eval()(draft)
+    adapted = copy.deepcopy(adapter).float().eval()(draft)  # in fp32, leaving the caller's adapter as it was
     sims = torch.nn.functional.cosine_similarity(adapted, target, dim=-1)
-    logits = lm_head.float()(adapted)
+    head_weight = (lm_head.weight if isinstance(lm_head, torch.nn.Module) else lm_head).detach().float()
+    bias = getattr(lm_head, "bias", None)
+    logits = torch.nn.functional.linear(adapted, head_weight, None if bias is None else bias.detach().float())
     top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     top1_agreement = float((top5[:, 0] == tokens).float().mean())
     report = {
@@ -61,6 +64,12 @@ def evaluate_alignment(adapter, rows: dict, lm_head, *, gamma: int = 4, cost_rat
         "top5_agreement": float((top5 == tokens[:, None]).any(-1).float().mean()),
         "acceptance": {},
     }
+    if adapter.draft_vocab is not None:  # top-1 through the reduced head the drafts really use
+        vocab = adapter.draft_vocab.to(tokens.device)
+        draft_bias = None if bias is None else bias.detach().float()[vocab]
+        drafted = vocab[torch.nn.functional.linear(adapted, head_weight[vocab], draft_bias).argmax(-1)]
+        report["top1_agreement_draft_vocab"] = float((drafted == tokens).float().mean())
+        report["draft_vocab_coverage"] = float(torch.isin(tokens, vocab).float().mean())
     windows = _windows(rows.get("sample", torch.zeros(len(tokens), dtype=torch.long)), gamma)
     for t in thresholds:
         entry = {"relaxed": float((sims >= t).float().mean())}

@@ -72,6 +72,14 @@ def split_rows(count: int, val_fraction: float, seed: int):
     return order[val:], order[:val]
 
 
+def held_out_rows(rows: dict, val_fraction: float, seed: int) -> dict:
+    """The rows train_adapter held out for validation with this fraction and seed, in extraction order
+    (entries that are not per-row tensors, such as "meta", pass through)."""
+    _, held_out = split_rows(len(rows["next_token"]), val_fraction, seed)
+    held_out = held_out.sort().values
+    return {key: (value[held_out] if isinstance(value, torch.Tensor) else value) for key, value in rows.items()}
+
+
 def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, lm_head=None,
                   progress: bool = True, norm_init: torch.Tensor | None = None) -> tuple[BottleneckAdapter, dict]:
     """rows: {"draft_hidden" [N, Dd], "target_hidden" [N, Dv], "next_token" [N]} (see extract.load_pairs).

@@ -32,3 +32,19 @@ def test_metrics_on_a_known_case(tmp_path):
     ea.write_report(report, str(tmp_path / "report.json"))
     assert json.loads((tmp_path / "report.json").read_text())["rows"] == 8
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_leaves_its_inputs_as_they_were_and_reports_the_draft_vocabulary():
+    """A bf16 head and adapter are evaluated in fp32 on copies (the caller's modules keep their dtype), and an
+    adapter with a draft vocabulary gets top-1 through those head rows and their coverage of the tokens."""
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 12, bias=False).to(torch.bfloat16)
+    adapter = sd.BottleneckAdapter(16, 4, draft_vocab=torch.tensor([0, 3, 5])).to(torch.bfloat16)
+    x = torch.randn(40, 16, generator=gen)
+    rows = {"draft_hidden": x, "target_hidden": x, "next_token": torch.tensor([0, 3, 7, 5] * 10)}
+    report = ea.evaluate_alignment(adapter, rows, head, gamma=2)
+    assert head.weight.dtype == torch.bfloat16 and adapter.down.weight.dtype == torch.bfloat16
+    logits = x @ head.weight.float()[[0, 3, 5]].T
+    expected = torch.tensor([0, 3, 5])[logits.argmax(-1)]
+    assert report["top1_agreement_draft_vocab"] == pytest.approx(float((expected == rows["next_token"]).float().mean()))
+    assert report["draft_vocab_coverage"] == pytest.approx(0.75)

@@ -113,3 +113,12 @@ def test_frequent_tokens():
     tokens = torch.tensor([5, 5, 5, 2, 2, 9, 1, 1, 1, 1])
     assert ta.frequent_tokens(tokens, 2).tolist() == [1, 5]
     assert ta.frequent_tokens(tokens, 10).tolist() == [1, 2, 5, 9]
+
+
+def test_held_out_rows_are_the_validation_split_in_order():
+    data = {**rows(count=50), "meta": {"draft_layers": 2}}
+    held = ta.held_out_rows(data, 0.2, 3)
+    _, val = ta.split_rows(50, 0.2, 3)
+    assert torch.equal(held["next_token"], data["next_token"][val.sort().values])
+    assert torch.equal(held["draft_hidden"], data["draft_hidden"][val.sort().values])
+    assert held["meta"] == {"draft_layers": 2} and len(held["next_token"]) == 10

@@ -96,7 +96,7 @@ def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig
     from sdalign_rt.adapter import WEIGHTS_NAME, BottleneckAdapter
     from sdalign_rt.eval_alignment import evaluate_alignment
     from sdalign_rt.extract import extract_pairs, load_pairs
-    from sdalign_rt.train_adapter import TrainConfig, split_rows, train_adapter
+    from sdalign_rt.train_adapter import TrainConfig, held_out_rows, train_adapter
 
     out = _adapter_dir(cache_dir, config, k)
     report_path = os.path.join(out, "alignment.json")
@@ -112,17 +112,9 @@ def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig
                         draft_vocab=config.draft_vocab, patience=3, seed=config.seed)
     adapter, log = train_adapter(rows, train, out_dir=out, lm_head=model.get_output_embeddings(),
                                  norm_init=final_norm(model).weight.detach(), progress=progress)
-    _, held_out = split_rows(len(rows["next_token"]), train.val_fraction, train.seed)
-    held = {key: value[held_out.sort().values] for key, value in rows.items() if key != "meta"}
+    held = held_out_rows(rows, train.val_fraction, train.seed)
     report = evaluate_alignment(adapter, held, model.get_output_embeddings(), gamma=3)
     report["training"] = {key: log[key] for key in ("rows", "initial_val_loss", "best_val_loss", "epochs_run")}
-    if adapter.draft_vocab is not None:  # top-1 through the head the drafts really use
-        with torch.no_grad():
-            adapted = adapter(held["draft_hidden"].float())
-            head = adapter.draft_head(model.get_output_embeddings().weight.detach().float())
-            drafted = adapter.draft_vocab[(adapted @ head.T).argmax(-1)]
-        report["top1_agreement_draft_vocab"] = float((drafted == held["next_token"]).float().mean())
-        report["draft_vocab_coverage"] = float(torch.isin(held["next_token"], adapter.draft_vocab).float().mean())
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
     return adapter.to(dtype=model.dtype), report
