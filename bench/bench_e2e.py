@@ -37,10 +37,11 @@ import torch
 import sdalign_rt as sd
 from sdalign_rt.demo.experiment import cpu_name
 from sdalign_rt.eval_alignment import expected_tokens
+from sdalign_rt.model_runner import ModelRunner
 from sdalign_rt.shallow import shallow_view
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import time_call  # noqa: E402
+from timing import time_cpu, time_cuda  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 EVENT_TOKENS = 582  # EventGPT's event features in the prompt
@@ -87,17 +88,11 @@ def ms(stats: dict) -> dict:
 
 def timed(fn, device, quick: bool) -> dict:
     if device.type == "cuda":
-        from timing import time_cuda
-
         return ms(time_cuda(fn, reps=10 if quick else 30, warmup=3))
-    from timing import time_cpu
-
     return ms(time_cpu(fn, min_reps=2 if quick else 3, min_seconds=0.0, warmup=1))
 
 
 def _runner_with_context(model, context: int, device):
-    from sdalign_rt.model_runner import ModelRunner
-
     runner = ModelRunner(model, 1, device, capacity=context + 160)
     ids = torch.randint(1, 32000, (1, context), device=device)
     runner.extend(ids, torch.ones_like(ids, dtype=torch.bool))
@@ -157,7 +152,7 @@ def prefill_costs(model, device, quick: bool, scale_from: int | None) -> dict:
         mask = torch.ones_like(ids, dtype=torch.bool)
 
         def run():
-            runner = _new_runner(view, tokens, device)
+            runner = ModelRunner(view, 1, device, capacity=tokens + 8)
             runner.extend(ids, mask, inputs_embeds=embeds)
 
         return timed(run, device, True if scale_from else quick)
@@ -176,12 +171,6 @@ def prefill_costs(model, device, quick: bool, scale_from: int | None) -> dict:
                                             for k in DEPTHS}}
         results["verifier"] = {"by_layers": {"32": prefill(shallow_view(model, 32), results["video_tokens"])}}
     return results
-
-
-def _new_runner(view, tokens, device):
-    from sdalign_rt.model_runner import ModelRunner
-
-    return ModelRunner(view, 1, device, capacity=tokens + 8)
 
 
 @torch.no_grad()
