@@ -36,7 +36,7 @@ def test_checkpoint_layout_and_round_trip(tmp_path):
     for expected in ("model.visual_projector.0.weight", "model.visual_projector.2.weight",
                      "model.feature_adaptor.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):
         assert expected in names
-    assert any(n.startswith("model.visual_tower.") for n in names)
+    assert any(n.startswith("model.visual_tower.visual_tower.") for n in names)  # the public module tree
     model.save_pretrained(tmp_path / "eventgpt")
     config_text = (tmp_path / "eventgpt" / "config.json").read_text()
     assert '"model_type": "EventChat_llama"' in config_text and '"event_feature_adaptor": true' in config_text
@@ -52,8 +52,9 @@ def test_spatio_temporal_pooling():
     features = model.encode_events(pixels)
     assert features.shape == (2, IMAGES + SPATIAL, 64)
     with torch.no_grad():
+        clip = model.model.visual_tower.visual_tower  # the public VisualTower's CLIPVisionModel
         tokens = model.model.feature_adaptor(model.model.visual_projector(
-            model.model.visual_tower(pixel_values=pixels.flatten(0, 1)).last_hidden_state)).view(2, IMAGES, SPATIAL, 64)
+            clip(pixel_values=pixels.flatten(0, 1)).last_hidden_state)).view(2, IMAGES, SPATIAL, 64)
     torch.testing.assert_close(features[:, :IMAGES], tokens.mean(2))
     torch.testing.assert_close(features[:, IMAGES:], tokens.mean(1))
 

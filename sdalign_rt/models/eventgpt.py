@@ -1,11 +1,14 @@
 """EventGPT: event images → CLIP ViT → projector → feature adaptor → Vicuna (LLaMA), as a transformers model.
 
-Layout of the public checkpoints: a LlamaConfig subclass with model_type "EventChat_llama" and the extra
-keys mm_visual_tower, event_feature_adaptor, use_event_qformer; weights nested under `model.`
-(model.visual_tower.*, model.visual_projector.{0,2}.*, model.feature_adaptor.*, the LLaMA layers) plus
-lm_head. Per image, the CLIP last hidden state [S, 1024] goes through the projector (Linear, GELU, Linear)
-and the feature adaptor (Linear, applied once); a sample's P images give P temporal tokens (mean over each
-image's tokens) followed by S spatial tokens (mean over images of each token): [P + S, D] event features.
+Layout of the public checkpoints (the authors' model/EventChatModel.py): a LlamaConfig subclass with model_type
+"EventChat_llama" and the extra keys mm_visual_tower, event_feature_adaptor, mm_use_im_patch_token,
+mm_use_im_start_end; weights nested under `model.` as that code's module tree names them:
+model.visual_tower.visual_tower.vision_model.* (its `VisualTower` wraps the CLIPVisionModel one attribute down),
+model.visual_projector.{0,2}.*, model.feature_adaptor.*, the LLaMA layers, plus lm_head. Per image, the CLIP
+last hidden state [S, 1024] goes through the projector (Linear, GELU, Linear) and the feature adaptor (Linear,
+applied once); a sample's P images give P temporal tokens (mean over each image's tokens) followed by S spatial
+tokens (mean over images of each token): [P + S, D] event features. `eventgpt_checkpoint.load_eventgpt` reads
+this layout, the older flat one (model.visual_tower.vision_model.*) and checkpoints without tower weights.
 
 In the token ids, event features take the place of `event_token_index` (-200, out of vocabulary) tokens,
 one per feature row, so a prompt's length is its length in the model (`expand_event_placeholder` turns the
@@ -13,6 +16,8 @@ single marker of the public prompt format into P + S of them). Decode steps carr
 ignore event inputs.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -27,10 +32,14 @@ class EventGPTConfig(LlamaConfig):
 
     def __init__(self, mm_visual_tower: str | None = None, event_feature_adaptor: bool = True,
                  use_event_qformer: bool = False, vision_config: dict | None = None,
-                 event_token_index: int = EVENT_TOKEN_INDEX, num_event_images: int = 5, **kwargs):
+                 event_token_index: int = EVENT_TOKEN_INDEX, num_event_images: int = 5,
+                 mm_use_im_patch_token: bool = True, mm_use_im_start_end: bool = False, **kwargs):
         self.mm_visual_tower = mm_visual_tower
         self.event_feature_adaptor = event_feature_adaptor
         self.use_event_qformer = use_event_qformer
+        # the public loader's defaults: <ev_patch> added to the tokenizer, <ev_start>/<ev_end> not
+        self.mm_use_im_patch_token = mm_use_im_patch_token
+        self.mm_use_im_start_end = mm_use_im_start_end
         if isinstance(vision_config, CLIPVisionConfig):
             vision_config = vision_config.to_dict()
         self.vision_config = vision_config
@@ -41,9 +50,24 @@ class EventGPTConfig(LlamaConfig):
     def clip_config(self) -> CLIPVisionConfig:
         if self.vision_config is not None:
             return CLIPVisionConfig(**{k: v for k, v in self.vision_config.items() if k != "model_type"})
-        if self.mm_visual_tower is None:
-            raise ValueError("EventGPTConfig needs vision_config or mm_visual_tower (a local CLIP vision tower path)")
+        if self.mm_visual_tower is None or not os.path.isdir(self.mm_visual_tower):
+            raise ValueError(f"EventGPTConfig needs vision_config or mm_visual_tower as a local CLIP folder, got "
+                             f"{self.mm_visual_tower!r} (eventgpt_checkpoint.load_eventgpt resolves a bare name)")
         return CLIPVisionConfig.from_pretrained(self.mm_visual_tower)
+
+
+class EventVisualTower(nn.Module):
+    """The public code's `VisualTower`: the CLIP vision model one attribute down, which is what puts the tower's
+    weights at model.visual_tower.visual_tower.* in its checkpoints."""
+
+    def __init__(self, clip: CLIPVisionConfig):
+        super().__init__()
+        self.visual_tower = CLIPVisionModel(clip)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] → CLIP's last hidden state [N, S, C] (S = patches + CLS)."""
+        tower = self.visual_tower
+        return tower(pixel_values=pixel_values.to(tower.device, tower.dtype)).last_hidden_state
 
 
 class EventGPTModel(LlamaModel):
@@ -54,7 +78,7 @@ class EventGPTModel(LlamaModel):
         if config.use_event_qformer:
             raise ValueError("use_event_qformer=True checkpoints are not supported (their Q-Former is not built)")
         clip = config.clip_config()
-        self.visual_tower = CLIPVisionModel(clip)
+        self.visual_tower = EventVisualTower(clip)
         self.visual_projector = nn.Sequential(nn.Linear(clip.hidden_size, config.hidden_size), nn.GELU(),
                                               nn.Linear(config.hidden_size, config.hidden_size))
         self.feature_adaptor = (nn.Linear(config.hidden_size, config.hidden_size)
@@ -66,8 +90,7 @@ class EventGPTModel(LlamaModel):
         if event_pixel_values.dim() != 5:
             raise ValueError(f"event_pixel_values must be [B, P, 3, H, W], got {tuple(event_pixel_values.shape)}")
         batch, images = event_pixel_values.shape[:2]
-        pixels = event_pixel_values.flatten(0, 1).to(self.visual_tower.dtype)
-        tokens = self.visual_projector(self.visual_tower(pixel_values=pixels).last_hidden_state)
+        tokens = self.visual_projector(self.visual_tower(event_pixel_values.flatten(0, 1)))
         if self.feature_adaptor is not None:
             tokens = self.feature_adaptor(tokens)
         tokens = tokens.view(batch, images, *tokens.shape[1:])  # [B, P, S, D]
