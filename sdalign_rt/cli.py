@@ -78,11 +78,14 @@ def _pair_check(args) -> int:
     import torch
 
     import sdalign_rt as sd
+    from sdalign_rt.models.eventgpt_checkpoint import checkpoint_weight_names, weight_layout
+    from sdalign_rt.models.eventgpt_prompt import EVENT_TOKENS
     from sdalign_rt.models.pair import PairSample, load_pair, save_tiny_pair, synthetic_sample
 
     workdir = args.dir or tempfile.mkdtemp(prefix="sdalign-pair-")
     if args.tiny:
-        drafter_path, verifier_path = save_tiny_pair(workdir, seed=args.seed)
+        drafter_path, verifier_path = save_tiny_pair(workdir, seed=args.seed, layout=args.tiny_layout,
+                                                     start_end=args.tiny_start_end)
         sample = synthetic_sample(workdir, seed=args.seed)
         dtype = torch.float32
     else:
@@ -93,7 +96,7 @@ def _pair_check(args) -> int:
         sample = PairSample(events=args.events, frames=args.video, question=args.question)
         dtype = getattr(torch, args.dtype)
     pair = load_pair(drafter_path, verifier_path, load_in_4bit=args.load_in_4bit, dtype=dtype,
-                     device_map=args.device_map)
+                     device_map=args.device_map, clip_dir=args.clip_dir)
     inputs = pair.prepare(sample)
     adapter = (sd.BottleneckAdapter.from_pretrained(args.adapter, dtype=dtype, device=pair.drafter.device)
                if args.adapter else None)
@@ -108,6 +111,8 @@ def _pair_check(args) -> int:
         "new_tokens": int(out.sequences.shape[1] - inputs.input_ids.shape[1]),
         "first_difference": next((int(i) for i in range(width) if out.sequences[0, i] != expected[0, i]), None),
         "tree": args.tree, "draft_layers": args.draft_layers, "tiny": args.tiny,
+        "drafter_layout": weight_layout(checkpoint_weight_names(drafter_path)),
+        "drafter_event_tokens": [t for t in EVENT_TOKENS if t in pair.drafter_tokenizer.added_tokens_encoder],
         "mean_accepted": out.stats["mean_accepted"], "acceptance_rate": out.stats["acceptance_rate"],
         "steps": out.stats["steps"], "timings": out.stats["timings"],
         "drafter": drafter_path, "verifier": verifier_path,
@@ -292,7 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "equals the verifier's own greedy output (JSON with 'lossless')")
     pair.add_argument("--tiny", action="store_true", help="tiny random checkpoints and a synthetic sample")
     pair.add_argument("--dir", default=None, help="where --tiny writes its checkpoints and sample")
+    pair.add_argument("--tiny-layout", default="nested", choices=["nested", "flat", "none"],
+                      help="--tiny's EventGPT weight layout: nested (public names model.visual_tower.visual_tower.*), "
+                      "flat (model.visual_tower.*), none (no tower weights; mm_visual_tower names a CLIP folder)")
+    pair.add_argument("--tiny-start-end", action="store_true",
+                      help="--tiny's EventGPT config sets mm_use_im_start_end (<ev_start>/<ev_end> are added tokens)")
     pair.add_argument("--drafter", help="EventGPT checkpoint directory")
+    pair.add_argument("--clip-dir", default=None, help="where the drafter's CLIP tower (config mm_visual_tower) is: "
+                      "the tower folder, or a folder holding it by name (default: beside the checkpoint)")
     pair.add_argument("--verifier", help="Video-LLaVA checkpoint directory (transformers layout)")
     pair.add_argument("--events", help="event .npy file (pickled dict x, y, p, t)")
     pair.add_argument("--video", help="the matching RGB clip (mp4)")

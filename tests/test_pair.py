@@ -1,5 +1,6 @@
 """The real pair's path on tiny checkpoints: save / load (safetensors, .bin, bf16, 4-bit), prepare, lossless
-speculative decoding with and without an adapter, vocabulary checks, pair-check."""
+speculative decoding with and without an adapter, vocabulary checks, pair-check for each EventGPT layout and
+token setting."""
 import json
 import os
 
@@ -32,6 +33,7 @@ def test_layout_and_prepare(tiny):
     assert os.path.isfile(os.path.join(drafter_dir, "model.safetensors"))
     config = json.load(open(os.path.join(drafter_dir, "config.json")))
     assert config["model_type"] == "EventChat_llama" and config["event_feature_adaptor"] is True
+    assert config["mm_use_im_patch_token"] is True and config["mm_use_im_start_end"] is False
     pair = load_pair(drafter_dir, verifier_dir, dtype=torch.float32)
     inputs = pair.prepare(sample)
     video_id = pair.verifier.config.video_token_index
@@ -39,9 +41,11 @@ def test_layout_and_prepare(tiny):
     assert int((inputs.draft_input_ids == -200).sum()) == pair.event_token_count() == 5 + 5
     assert inputs.target_inputs["pixel_values_videos"].shape == (1, 8, 3, 28, 28)
     assert inputs.draft_inputs["event_pixel_values"].shape == (1, 5, 3, 28, 28)
-    # the LLaMA part is shared; each side's added tokens (<ev_start> vs <video>) are not
-    ev_start = pair.drafter_tokenizer.convert_tokens_to_ids("<ev_start>")
-    assert int(pair.vocab_map.to_target[ev_start]) == -1 and int(pair.vocab_map.to_draft[video_id]) == -1
+    # the LLaMA part is shared; each side's added tokens (<ev_patch> vs <video>, on the same id) are not
+    ev_patch = pair.drafter_tokenizer.convert_tokens_to_ids("<ev_patch>")
+    assert ev_patch == video_id - 1 == pair.drafter.get_input_embeddings().num_embeddings - 1
+    assert int(pair.vocab_map.to_target[ev_patch]) == -1 and int(pair.vocab_map.to_draft[video_id]) == -1
+    assert pair.vocab_map.to_target[:ev_patch].tolist() == list(range(ev_patch))
 
 
 @pytest.mark.parametrize("tree", ["chain4", "static", "dynamic"])
@@ -87,7 +91,7 @@ def test_vocabularies_that_disagree_are_refused(tiny):
     drafter_dir, verifier_dir, _ = tiny
     pair = load_pair(drafter_dir, verifier_dir, dtype=torch.float32)
     vocab = pair.drafter_tokenizer.get_vocab()
-    swapped = {**vocab, "car": vocab["road"], "road": vocab["car"]}
+    swapped = {**vocab, "▁car": vocab["▁road"], "▁road": vocab["▁car"]}
     with pytest.raises(ValueError, match="disagree on 2 shared tokens"):
         sd.VocabMap.from_vocabularies(swapped, pair.verifier_processor.tokenizer.get_vocab(), len(vocab), 52)
 
@@ -104,10 +108,14 @@ def test_bad_input(tiny, tmp_path):
                                                        "t": [5, 4, 3, 2, 1]}, frames=sample.frames))
 
 
-@pytest.mark.parametrize("extra", [[], ["--draft-layers", "1"]])
+@pytest.mark.parametrize("extra", [[], ["--draft-layers", "1"], ["--tiny-layout", "flat"],
+                                   ["--tiny-layout", "none", "--tiny-start-end"], ["--tiny-start-end"]])
 def test_pair_check_cli(tmp_path, capsys, extra):
     report = tmp_path / "pair.json"
     assert cli.main(["pair-check", "--tiny", "--dir", str(tmp_path), "--max-new-tokens", "10", "--tree",
                      "dynamic:2,3,5", "--json", str(report), *extra]) == 0
-    assert json.loads(report.read_text())["lossless"] is True
-    assert '"lossless": true' in capsys.readouterr().out
+    result = json.loads(report.read_text())
+    assert result["lossless"] is True and '"lossless": true' in capsys.readouterr().out
+    assert result["drafter_layout"] == (extra[1] if extra[:1] == ["--tiny-layout"] else "nested")
+    start_end = "--tiny-start-end" in extra
+    assert result["drafter_event_tokens"] == (["<ev_patch>", "<ev_start>", "<ev_end>"] if start_end else ["<ev_patch>"])

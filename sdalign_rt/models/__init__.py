@@ -6,7 +6,8 @@ from sdalign_rt.models.video import load_video_frames, sample_frame_indices
 _LAZY = {  # these import transformers: load them on first use
     "EventGPTConfig": "eventgpt", "EventGPTForCausalLM": "eventgpt", "expand_event_placeholder": "eventgpt",
     "EVENT_TOKEN_INDEX": "eventgpt", "load_pair": "pair", "save_tiny_pair": "pair", "synthetic_sample": "pair",
-    "Pair": "pair", "PairSample": "pair", "PairInputs": "pair",
+    "Pair": "pair", "PairSample": "pair", "PairInputs": "pair", "load_eventgpt": "eventgpt_checkpoint",
+    "event_prompt_ids": "eventgpt_prompt", "SlowLlamaTokenizer": "llama_tokenizer",
 }
 
 __all__ = ["load_events", "render_event_images", "render_event_images_torch", "split_equal_count",

@@ -2,9 +2,9 @@
 
 `load_pair` loads both from local checkpoint directories (fp16 / bf16, or 4-bit NF4 through bitsandbytes,
 optionally spread with accelerate's device_map) with their tokenizers / processors and the VocabMap between
-the two vocabularies; `Pair.prepare(sample)` builds both models' inputs for one DSEC-style sample, each in
-its own prompt template. `save_tiny_pair` writes tiny random checkpoints of both architectures in the same
-layouts, so the whole path runs without downloads.
+the two vocabularies (EventGPT as published: `eventgpt_checkpoint.load_eventgpt`); `Pair.prepare(sample)` builds
+both models' inputs for one DSEC-style sample, each in its own prompt template. `save_tiny_pair` writes tiny
+random checkpoints of both architectures in the same layouts, so the whole path runs without downloads.
 """
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ import numpy as np
 import torch
 
 from sdalign_rt.decoder import SpeculativeDecoder
-from sdalign_rt.models.eventgpt import EVENT_TOKEN_INDEX, EventGPTConfig, EventGPTForCausalLM
+from sdalign_rt.models.eventgpt import EventGPTConfig, EventGPTForCausalLM
+from sdalign_rt.models.eventgpt_checkpoint import NESTED_TOWER, TOWER, load_eventgpt
+from sdalign_rt.models.eventgpt_prompt import (EVENTGPT_SYSTEM, event_prompt_ids, event_tokens_to_add,
+                                               eventgpt_prompt)
 from sdalign_rt.models.events import load_events, render_event_images
 from sdalign_rt.models.tiny import finish_random_model
 from sdalign_rt.models.video import load_video_frames, write_video
 from sdalign_rt.vocab import VocabMap
 
-EVENTGPT_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                   "helpful, detailed, and polite answers to the human's questions.")
-EVENT_TOKENS = ("<ev_patch>", "<ev_start>", "<ev_end>")
 DEFAULT_QUESTION = "What are the key elements in this scene?"
 
 
@@ -95,14 +95,14 @@ def _verifier_inputs_builder(verifier_path: str, verifier):
 class Pair:
     drafter: EventGPTForCausalLM
     verifier: object  # VideoLlavaForConditionalGeneration
-    drafter_tokenizer: object
+    drafter_tokenizer: object  # SlowLlamaTokenizer: the public scripts' slow LLaMA tokenizer, event tokens added
     verifier_processor: object  # VideoLlavaProcessor, or VideoLlavaInputs without torchvision
     event_processor: object  # CLIPImageProcessor
     vocab_map: VocabMap
 
     @staticmethod
     def drafter_prompt(question: str) -> str:
-        return f"{EVENTGPT_SYSTEM} USER: <ev_start><event><ev_end>\n{question} ASSISTANT:"
+        return eventgpt_prompt(question)
 
     @staticmethod
     def verifier_prompt(question: str) -> str:
@@ -118,9 +118,7 @@ class Pair:
         events = load_events(sample.events) if isinstance(sample.events, (str, os.PathLike)) else sample.events
         images = render_event_images(events, parts=self.drafter.config.num_event_images)
         event_pixels = self.event_processor(images=images, return_tensors="pt").pixel_values[None]
-        before, after = self.drafter_prompt(sample.question).split("<event>")
-        ids = (self.drafter_tokenizer(before).input_ids + [EVENT_TOKEN_INDEX] * self.event_token_count()
-               + self.drafter_tokenizer(after, add_special_tokens=False).input_ids)
+        ids = event_prompt_ids(self.drafter_tokenizer, self.drafter_prompt(sample.question), self.event_token_count())
         draft_ids = torch.tensor([ids], device=self.drafter.device)
         frames = load_video_frames(sample.frames)
         verifier = self.verifier_processor(text=self.verifier_prompt(sample.question), videos=[list(frames)],
@@ -137,9 +135,10 @@ class Pair:
 
 
 def load_pair(drafter_path: str, verifier_path: str, *, load_in_4bit: bool = False, device_map=None,
-              dtype: torch.dtype = torch.float16) -> Pair:
-    """Load EventGPT and Video-LLaVA checkpoints (transformers layouts) with what prepares their inputs."""
-    from transformers import AutoTokenizer, BitsAndBytesConfig, CLIPImageProcessor, VideoLlavaForConditionalGeneration
+              dtype: torch.dtype = torch.float16, clip_dir: str | None = None) -> Pair:
+    """Load EventGPT (as published; clip_dir: where its mm_visual_tower may be) and Video-LLaVA (transformers
+    layout) with what prepares their inputs."""
+    from transformers import BitsAndBytesConfig, VideoLlavaForConditionalGeneration
 
     for name, path in (("drafter", drafter_path), ("verifier", verifier_path)):
         if not os.path.isdir(path):
@@ -150,57 +149,58 @@ def load_pair(drafter_path: str, verifier_path: str, *, load_in_4bit: bool = Fal
                                                             bnb_4bit_compute_dtype=dtype)
     if device_map is not None:
         options["device_map"] = device_map
-    drafter = EventGPTForCausalLM.from_pretrained(drafter_path, **options).eval()
+    eventgpt = load_eventgpt(drafter_path, clip_dir=clip_dir, **options)
+    drafter = eventgpt.model
     verifier = VideoLlavaForConditionalGeneration.from_pretrained(verifier_path, **options).eval()
-    drafter_tokenizer = AutoTokenizer.from_pretrained(drafter_path)
     verifier_processor = _verifier_inputs_builder(verifier_path, verifier)
-    clip_source = drafter_path if os.path.isfile(os.path.join(drafter_path, "preprocessor_config.json")) \
-        else drafter.config.mm_visual_tower
-    event_processor = CLIPImageProcessor.from_pretrained(clip_source)
-    vocab_map = VocabMap.from_tokenizers(drafter_tokenizer, verifier_processor.tokenizer,
+    # the drafter's vocabulary as its loader leaves it (event tokens added, embeddings resized to match)
+    vocab_map = VocabMap.from_tokenizers(eventgpt.tokenizer, verifier_processor.tokenizer,
                                          draft_size=drafter.get_input_embeddings().num_embeddings,
                                          target_size=verifier.get_output_embeddings().weight.shape[0])
-    return Pair(drafter, verifier, drafter_tokenizer, verifier_processor, event_processor, vocab_map)
+    return Pair(drafter, verifier, eventgpt.tokenizer, verifier_processor, eventgpt.event_processor, vocab_map)
 
 
-def _word_tokenizer(words: list[str], added: tuple[str, ...]):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<unk>")
-    tokenizer.add_tokens(list(added), special_tokens=True)
-    return tokenizer
+TINY_LAYOUTS = ("nested", "flat", "none")
+TINY_TOWER = "clip-vit-tiny-patch14-28"  # the tiny stand-in for clip-vit-large-patch14-336, next to the checkpoint
 
 
-def save_tiny_pair(directory: str, seed: int = 0, *, safe_serialization: bool = True) -> tuple[str, str]:
+def save_tiny_pair(directory: str, seed: int = 0, *, safe_serialization: bool = True, layout: str = "nested",
+                   start_end: bool = False, legacy: bool | None = False) -> tuple[str, str]:
     """Tiny random EventGPT and Video-LLaVA checkpoints (+ tokenizers, processors) in the real layouts.
 
-    Both tokenizers share a base vocabulary (the LLaMA part); EventGPT adds its event tokens, Video-LLaVA adds
-    <image> and <video> on the same ids and pads its vocabulary, as the real pair does. safe_serialization=False
-    writes sharded .bin files instead of safetensors. Returns the two paths.
+    EventGPT as published (see eventgpt_checkpoint): layout "nested" has the public tower names
+    (model.visual_tower.visual_tower.vision_model.*) and a public config (no vision_config; mm_visual_tower the bare
+    name of a CLIP folder saved next to the checkpoint, which holds the image processor); "none" leaves the tower
+    weights out and points mm_visual_tower at that folder's path; "flat" is this package's earlier layout
+    (model.visual_tower.*, vision_config and preprocessor_config.json in the checkpoint). start_end sets
+    mm_use_im_start_end (<ev_start>/<ev_end> become added tokens); legacy is the tokenizer's 4.37 setting.
+    The drafter's tokenizer is a LLaMA-style SentencePiece model saved as the slow tokenizer saved it, without
+    event tokens (the loader adds them; the checkpoint has their embedding rows). Video-LLaVA's tokenizer has the
+    same pieces with <image> and <video> on the same ids and a padded vocabulary, as the real pair does.
+    safe_serialization=False writes sharded .bin files instead of safetensors. Returns the two paths.
     """
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, VideoLlavaConfig,
-                              VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor)
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, LlamaConfig,
+                              VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor)
 
-    words = sorted({w for text in (EVENTGPT_SYSTEM, DEFAULT_QUESTION, "USER: ASSISTANT: the a car road street "
-                                   "sky tree person building light sign left right") for w in text.replace(".", " ")
-                    .replace(",", " ").replace("?", " ").replace("'", " ").split()})
-    drafter_tok = _word_tokenizer(words, EVENT_TOKENS)
-    verifier_tok = _word_tokenizer(words, ("<image>", "<video>"))
-    base = len(words) + 3
+    from sdalign_rt.models.tiny_tokenizer import (BYTES, SPECIAL, save_tiny_llama_tokenizer, tiny_fast_llama_tokenizer,
+                                                  tiny_pieces)
+
+    if layout not in TINY_LAYOUTS:
+        raise ValueError(f"layout must be one of {TINY_LAYOUTS}, got {layout!r}")
+    words = (f"{EVENTGPT_SYSTEM} {DEFAULT_QUESTION} USER: ASSISTANT: the a car road street sky tree person building "
+             "light sign left right").split()
+    base = len(SPECIAL) + len(BYTES) + len(tiny_pieces(words)[0])
     # Every Linear at least 64 wide: bitsandbytes' CPU 4-bit kernels quantize in blocks of 64 inputs.
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                   patch_size=14, projection_dim=64)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=1024)
+    flags = dict(mm_use_im_patch_token=True, mm_use_im_start_end=start_end)
+    event_tokens = event_tokens_to_add(EventGPTConfig(**flags))
     torch.manual_seed(seed)
-    drafter = EventGPTForCausalLM(EventGPTConfig(vocab_size=base + len(EVENT_TOKENS), vision_config=vision,
-                                                 mm_visual_tower="openai/clip-vit-large-patch14-336",
-                                                 bos_token_id=1, eos_token_id=2, pad_token_id=0, **text))
+    drafter = EventGPTForCausalLM(EventGPTConfig(
+        vocab_size=base + len(event_tokens), vision_config=vision, mm_visual_tower="openai/clip-vit-large-patch14-336",
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **flags, **text))
     torch.manual_seed(seed + 1)
     verifier = VideoLlavaForConditionalGeneration(VideoLlavaConfig(
         vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(vocab_size=base + 8, **text),
@@ -208,20 +208,61 @@ def save_tiny_pair(directory: str, seed: int = 0, *, safe_serialization: bool = 
     for model in (drafter, verifier):
         finish_random_model(model, eos_token_id=2, pad_token_id=0)
     drafter_dir, verifier_dir = os.path.join(directory, "eventgpt"), os.path.join(directory, "video_llava")
+    processor = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     drafter.save_pretrained(drafter_dir)
+    if layout == "flat":
+        CLIPImageProcessor(**processor).save_pretrained(drafter_dir)
+    else:
+        # the CLIP download (a whole CLIPModel, text half included) holding the drafter's tower and the processor
+        clip_dir = os.path.join(directory, TINY_TOWER)
+        text_half = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        clip = CLIPModel(CLIPConfig(text_config=text_half, vision_config=vision, projection_dim=64))
+        clip.vision_model.load_state_dict(drafter.model.visual_tower.visual_tower.state_dict())
+        clip.save_pretrained(clip_dir)
+        CLIPImageProcessor(**processor).save_pretrained(clip_dir)
+        _public_config(drafter_dir, TINY_TOWER if layout == "nested" else os.path.abspath(clip_dir))
+    _rename_tower(drafter_dir, layout)
     if not safe_serialization:
         _as_bin_shards(drafter_dir)
-    drafter_tok.save_pretrained(drafter_dir)
-    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(drafter_dir)
+    save_tiny_llama_tokenizer(drafter_dir, words, legacy=legacy)
     verifier.save_pretrained(verifier_dir)
     if not safe_serialization:
         _as_bin_shards(verifier_dir)
     # The tokenizer and image processor a VideoLlavaProcessor is made of (the processor object itself needs
     # torchvision in transformers 5; load_pair builds it when it can).
-    verifier_tok.save_pretrained(verifier_dir)
-    VideoLlavaImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(
-        verifier_dir)
+    tiny_fast_llama_tokenizer(words, ("<image>", "<video>")).save_pretrained(verifier_dir)
+    VideoLlavaImageProcessor(**processor).save_pretrained(verifier_dir)
     return drafter_dir, verifier_dir
+
+
+def _public_config(directory: str, tower: str) -> None:
+    """config.json as the public release has it: no vision_config (the tower folder has it), mm_visual_tower."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.pop("vision_config", None)
+    config["mm_visual_tower"] = tower
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _rename_tower(directory: str, layout: str) -> None:
+    """model.safetensors' tower weights under the layout's names (transformers 5 saves them nested, without
+    CLIP's transformers-4 `vision_model.` level): nested → with it, flat → model.visual_tower.*, none → absent."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(directory, "model.safetensors")
+    state = load_file(path)
+    renamed = {}
+    for name, tensor in state.items():
+        if name.startswith(NESTED_TOWER):
+            rest = name[len(NESTED_TOWER):]
+            if layout == "none":
+                continue
+            name = NESTED_TOWER + "vision_model." + rest if layout == "nested" else TOWER + rest
+        renamed[name] = tensor
+    save_file(renamed, path, metadata={"format": "pt"})
 
 
 def _as_bin_shards(directory: str, shards: int = 2) -> None:
