@@ -37,8 +37,7 @@ import torch
 import sdalign_rt as sd
 from sdalign_rt.demo.experiment import cpu_name
 from sdalign_rt.eval_alignment import expected_tokens
-from sdalign_rt.model_runner import ModelRunner
-from sdalign_rt.shallow import shallow_view
+from sdalign_rt.model_runner import ModelRunner, new_cache
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import time_cpu, time_cuda  # noqa: E402
@@ -92,11 +91,26 @@ def timed(fn, device, quick: bool) -> dict:
     return ms(time_cpu(fn, min_reps=2 if quick else 3, min_seconds=0.0, warmup=1))
 
 
-def _runner_with_context(model, context: int, device):
-    runner = ModelRunner(model, 1, device, capacity=context + 160)
+def _runner_with_context(model, context: int, device, layers: int | None = None) -> ModelRunner:
+    """The runtime's runner (lean forward, static cache) over `layers` of the model, `context` tokens cached."""
+    runner = ModelRunner(model, new_cache(model, 1, context + 160, layers), num_layers=layers)
     ids = torch.randint(1, 32000, (1, context), device=device)
-    runner.extend(ids, torch.ones_like(ids, dtype=torch.bool))
+    runner.prefill(ids, torch.ones_like(ids))
     return runner
+
+
+def _tree_forward(runner: ModelRunner, tokens: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """One forward of a chain of tokens [1, T] in the tree region; lengths stay, so repeats overwrite it."""
+    cache = runner.cache
+    offsets = torch.arange(tokens.shape[1], device=tokens.device)[None]
+    return runner.forward(runner.embed(tokens), cache.next_positions()[:, None] + offsets,
+                          cache.lengths[:, None] + offsets, cache.attention_bias(block, cache.lengths))
+
+
+def _chain_block(nodes: int, device, dtype) -> torch.Tensor:
+    from sdalign_rt.kv_cache import additive
+
+    return additive(torch.ones(1, nodes, nodes, dtype=torch.bool, device=device).tril(), dtype)
 
 
 @torch.no_grad()
@@ -105,16 +119,12 @@ def draft_costs(model, adapter, context: int, device, quick: bool) -> dict:
     head = model.get_output_embeddings()
     rows = {}
     for k in DEPTHS:
-        runner = _runner_with_context(shallow_view(model, k), context, device)
+        runner = _runner_with_context(model, context, device, layers=k)
         token = torch.randint(1, 32000, (1, 1), device=device)
-        mask = torch.ones(1, 1, 1, dtype=torch.bool, device=device)
-        length = runner.length
+        block = _chain_block(1, device, runner.cache.dtype)
 
         def step():
-            _, hidden = runner.forward(token, mask, runner.next_positions()[:, None])
-            logits = head(adapter(hidden))
-            runner.crop(length)
-            return logits.argmax(-1)
+            return head(adapter(_tree_forward(runner, token, block))).argmax(-1)
 
         rows[str(k)] = timed(step, device, quick)
         del runner
@@ -124,17 +134,13 @@ def draft_costs(model, adapter, context: int, device, quick: bool) -> dict:
 @torch.no_grad()
 def verify_costs(model, context: int, device, quick: bool) -> dict:
     runner = _runner_with_context(model, context, device)
-    length = runner.length
     rows = {}
     for nodes in TREE_SIZES:
         tokens = torch.randint(1, 32000, (1, nodes), device=device)
-        mask = torch.ones(nodes, nodes, dtype=torch.bool, device=device).tril()[None]  # a chain: the costliest mask
-        positions = runner.next_positions()[:, None] + torch.arange(nodes, device=device)
+        block = _chain_block(nodes, device, runner.cache.dtype)  # a chain: the costliest mask
 
         def step():
-            logits, _ = runner.forward(tokens, mask, positions)
-            runner.crop(length)
-            return logits.argmax(-1)
+            return runner.logits(_tree_forward(runner, tokens, block)).argmax(-1)
 
         rows[str(nodes)] = timed(step, device, quick)
     return rows
@@ -146,20 +152,16 @@ def prefill_costs(model, device, quick: bool, scale_from: int | None) -> dict:
     hidden = model.config.hidden_size
     results = {"event_tokens": EVENT_TOKENS + TEXT_TOKENS, "video_tokens": VIDEO_TOKENS + TEXT_TOKENS}
 
-    def prefill(view, tokens):
+    def prefill(layers, tokens):
         embeds = torch.randn(1, tokens, hidden, device=device, dtype=model.dtype) * 0.02
         ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
-        mask = torch.ones_like(ids, dtype=torch.bool)
-
-        def run():
-            runner = ModelRunner(view, 1, device, capacity=tokens + 8)
-            runner.extend(ids, mask, inputs_embeds=embeds)
-
-        return timed(run, device, True if scale_from else quick)
+        runner = ModelRunner(model, new_cache(model, 1, tokens + 8, layers), num_layers=layers)
+        return timed(lambda: runner.prefill(ids, torch.ones_like(ids), embeds=embeds), device,
+                     True if scale_from else quick)
 
     if scale_from:  # time 1 and N layers, scale linearly (labelled)
         for name, tokens in (("drafter", results["event_tokens"]), ("verifier", results["video_tokens"])):
-            one, many = prefill(shallow_view(model, 1), tokens), prefill(shallow_view(model, scale_from), tokens)
+            one, many = prefill(1, tokens), prefill(scale_from, tokens)
             per_layer = (many["median_ms"] - one["median_ms"]) / (scale_from - 1)
             base = one["median_ms"] - per_layer
             results[name] = {"per_layer_ms": per_layer, "fixed_ms": base,
@@ -167,9 +169,8 @@ def prefill_costs(model, device, quick: bool, scale_from: int | None) -> dict:
                              "by_layers_ms": {str(k): base + k * per_layer for k in DEPTHS}}
         results["scaled_from_layers"] = scale_from
     else:
-        results["drafter"] = {"by_layers": {str(k): prefill(shallow_view(model, k), results["event_tokens"])
-                                            for k in DEPTHS}}
-        results["verifier"] = {"by_layers": {"32": prefill(shallow_view(model, 32), results["video_tokens"])}}
+        results["drafter"] = {"by_layers": {str(k): prefill(k, results["event_tokens"]) for k in DEPTHS}}
+        results["verifier"] = {"by_layers": {"32": prefill(None, results["video_tokens"])}}
     return results
 
 

@@ -1,88 +1,118 @@
-"""PreallocatedCache: a transformers cache whose layers live in one preallocated buffer.
+"""StaticKVCache: one model's K/V in fixed-capacity buffers, and which slots each batch row holds.
 
-The buffer is [L, 2, B, H, capacity, Dh], allocated at the first write from the first layer's shapes.
-Each layer's keys / values are views of the filled prefix, so appending writes in place (no per-step
-concatenation), cropping only moves the length, and the per-layer K and V are equally spaced views of one
-buffer, which sd.ops.kv_compact moves in a single launch on CUDA. If a run outgrows the capacity, the
-buffer doubles (one copy), so a capacity estimate that is too small costs time, not correctness.
+Layout. Layers that live on one device share one buffer [L_dev, 2, B, H, capacity, Dh] (a model spread over
+two GPUs by accelerate's device_map gets two buffers, each beside its layers). Nothing is ever reallocated:
+capacity is sized before prefill (prompt + new tokens + one tree + one scratch slot), so every step reads and
+writes tensors of the same shapes and can be captured as a CUDA graph.
+
+Rows. Row b's slots [start_b, length_b) hold its committed tokens in order: slot s carries position
+s - start_b. Slots before start_b are the left padding of its prompt; slots from length_b on are free (a
+step writes its tree nodes there, node i at length_b + i, and `kv_compact` moves the accepted ones down).
+`bias[B, capacity]` is the additive attention bias of that state, 0 on committed slots and the dtype's
+minimum elsewhere, kept on the device and refreshed in place after each step. The last slot is scratch: a
+write that must land nowhere (a recomputed token whose K/V are already cached) goes there; no row sees it.
 """
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+
+from sdalign_rt import ops
 
 
-class PreallocatedLayer(DynamicLayer):
-    def __init__(self, owner: "PreallocatedCache", index: int):
-        super().__init__()
-        self.owner, self.index, self.length = owner, index, 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.owner.allocate(key_states)
-        self.device = key_states.device
-        self.is_initialized = True
-        self._refresh()
-
-    def _refresh(self) -> None:
-        buffer = self.owner.buffer
-        self.keys = buffer[self.index, 0, :, :, : self.length]
-        self.values = buffer[self.index, 1, :, :, : self.length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
-        self.owner.reserve(self.length + new)
-        buffer = self.owner.buffer
-        buffer[self.index, 0, :, :, self.length: self.length + new] = key_states
-        buffer[self.index, 1, :, :, self.length: self.length + new] = value_states
-        self.length += new
-        self._refresh()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def crop(self, tokens_to_remove: int) -> None:
-        # transformers 4.x passed an absolute length (negative: tokens to remove); 5.x passes -tokens_to_remove.
-        target = self.length - abs(tokens_to_remove) if tokens_to_remove <= 0 else tokens_to_remove
-        self.length = max(0, min(self.length, target))
-        if self.is_initialized:
-            self._refresh()
-
-    def reset(self) -> None:
-        self.length = 0
-        if self.is_initialized:
-            self._refresh()
+def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean visibility mask as an additive attention bias: 0 where visible, dtype's min elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible,
+                                                                                       torch.finfo(dtype).min)
 
 
-class PreallocatedCache(Cache):
-    def __init__(self, num_layers: int, capacity: int):
-        if num_layers < 1 or capacity < 1:
-            raise ValueError(f"num_layers and capacity must be positive, got {num_layers} and {capacity}")
-        self.num_layers, self.capacity = num_layers, capacity
-        self.buffer: torch.Tensor | None = None
-        super().__init__(layers=[PreallocatedLayer(self, i) for i in range(num_layers)])
+class CapacityError(ValueError):
+    """A run would write past the cache's fixed capacity."""
 
-    def allocate(self, key_states: torch.Tensor) -> None:
-        if self.buffer is None:
-            batch, heads, _, head_dim = key_states.shape
-            self.buffer = torch.empty(self.num_layers, 2, batch, heads, self.capacity, head_dim,
-                                      dtype=key_states.dtype, device=key_states.device)
 
-    def reserve(self, length: int) -> None:
-        """Grow the buffer (doubling) when a write would pass the capacity."""
-        if length <= self.capacity:
-            return
-        while self.capacity < length:
-            self.capacity *= 2
-        old = self.buffer
-        self.buffer = old.new_empty(*old.shape[:4], self.capacity, old.shape[5])
-        self.buffer[..., : old.shape[4], :] = old
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer._refresh()
+class StaticKVCache:
+    def __init__(self, layer_devices: list, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype):
+        if capacity < 2 or batch < 1 or not layer_devices:
+            raise ValueError(f"a cache needs layers, batch >= 1 and capacity >= 2, got {len(layer_devices)} layers, "
+                             f"batch {batch}, capacity {capacity}")
+        self.batch, self.capacity, self.dtype = batch, capacity, dtype
+        devices = [torch.device(d) for d in layer_devices]
+        # Consecutive layers on one device share a buffer: [layers there, K/V, B, H, capacity, Dh].
+        self.buffers: list[torch.Tensor] = []
+        self._where: list[tuple[int, int]] = []  # layer -> (buffer, index in it)
+        for layer, device in enumerate(devices):
+            if layer == 0 or device != devices[layer - 1]:
+                count = next((j for j in range(layer, len(devices)) if devices[j] != device), len(devices)) - layer
+                self.buffers.append(torch.zeros(count, 2, batch, kv_heads, capacity, head_dim, dtype=dtype,
+                                                device=device))
+                first = layer
+            self._where.append((len(self.buffers) - 1, layer - first))
+        self.device = devices[0]  # where the bookkeeping lives: the embeddings' side
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.starts = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.bias = torch.full((batch, capacity), torch.finfo(dtype).min, dtype=dtype, device=self.device)
+        self._slot_index = torch.arange(capacity, device=self.device)
 
-    def filled(self) -> torch.Tensor:
-        """[L, 2, B, H, length, Dh] view of what the layers hold (all layers hold the same length)."""
-        return self.buffer[..., : self.layers[0].length, :]
+    @property
+    def num_layers(self) -> int:
+        return len(self._where)
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.capacity - 1
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of one layer: [B, H, capacity, Dh] views of its buffer."""
+        buffer, i = self._where[index]
+        return self.buffers[buffer][i, 0], self.buffers[buffer][i, 1]
+
+    def layer_device(self, index: int) -> torch.device:
+        return self.buffers[self._where[index][0]].device
+
+    @staticmethod
+    def write(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+              slot_index: torch.Tensor) -> None:
+        """keys[b, :, slot[b, t]] = new_keys[b, :, t] (same for values); slot_index is the slots [B, T]
+        expanded to [B, H, T, Dh] (built once per forward and device)."""
+        keys.scatter_(2, slot_index, new_keys.to(keys.dtype))
+        values.scatter_(2, slot_index, new_values.to(values.dtype))
+
+    def next_positions(self) -> torch.Tensor:
+        """[B] the position of each row's next token (its committed tokens, left padding not counted)."""
+        return self.lengths - self.starts
+
+    def refresh_bias(self) -> None:
+        """bias := 0 on slots [start, length) of each row, dtype min elsewhere (in place, fixed shape)."""
+        visible = (self._slot_index >= self.starts[:, None]) & (self._slot_index < self.lengths[:, None])
+        self.bias.copy_(torch.where(visible, 0.0, torch.finfo(self.dtype).min))
+
+    def reset(self, starts: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.starts.copy_(starts)
+        self.lengths.copy_(lengths)
+        self.refresh_bias()
+
+    def compact(self, accept_nodes: torch.Tensor, tree_start: torch.Tensor) -> None:
+        """Move each row's accepted tree slots (node i at tree_start + i) to tree_start + 0, 1, ... in every
+        layer (sd.ops.kv_compact: one launch per buffer on CUDA). Lengths are the caller's to advance."""
+        for buffer in self.buffers:
+            if buffer.device == accept_nodes.device:
+                ops.kv_compact(buffer, accept_nodes, tree_start)
+            else:
+                ops.kv_compact(buffer, accept_nodes.to(buffer.device), tree_start.to(buffer.device))
+
+    def check_room(self, longest_row: int, what: str) -> None:
+        """A clear error instead of a write past the end (checked on host ints, before the step)."""
+        if longest_row > self.scratch_slot:
+            raise CapacityError(f"{what} needs {longest_row} cache slots per row, but the cache holds "
+                                f"{self.scratch_slot} (capacity {self.capacity} minus one scratch slot); size it "
+                                "for prompt + max_new_tokens + the tree")
+
+    def attention_bias(self, block: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, capacity] additive bias for T queries: every row's committed slots, plus the block
+        block[b, t, j] ([B or 1, T, W], additive) placed at slot offset[b] + j, over whatever the committed
+        bias says there. With offset = lengths, the block is the tree region (node j at length + j)."""
+        _, queries, width = block.shape
+        bias = self.bias[:, None, :].expand(self.batch, queries, self.capacity).clone()
+        columns = (offset[:, None, None] + self._slot_index[:width]).expand(self.batch, queries, width)
+        bias.scatter_(2, columns, block.expand(self.batch, queries, width).to(bias.dtype))
+        return bias[:, None]

@@ -1,118 +1,131 @@
-"""ModelRunner: one HF model, its KV cache, and which cache slots each batch row may attend to.
+"""ModelRunner: one model of the pair behind one narrow call, over its StaticKVCache.
 
-Rows of a batch diverge: prompts are left-padded, each row accepts a different number of drafts per step.
-Rather than ragged caches, every row shares one physical slot axis and `valid[B, S]` marks the slots that
-hold a committed token of that row; padding and rejected slots stay in the cache, masked out. Positions are
-logical: a row's next position is its count of valid slots, which is what HF generate's left-padding
-position_ids give, so the verifier sees exactly the positions of plain decoding.
+    hidden = runner.forward(embeds[B, T, D], positions[B, T], slots[B, T], bias[B, 1, T, capacity])
+
+writes the T tokens' K/V at `slots` and returns their last hidden states (post final norm for a full model,
+the raw layer-k output for a shallow one). Tree nodes share positions (length + depth) while each has its own
+slot (length + node index), so positions are the caller's. The forward
+is the lean LLaMA forward where the architecture allows it, else transformers' own (TransformersForward);
+`prefill` runs a left-padded prompt (media merged into the embeddings by the model's own code) and
+`logits` applies the LM head only to the states it is given.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from sdalign_rt import ops
+from sdalign_rt.hf_forward import TransformersForward, check_mask_respected
+from sdalign_rt.kv_cache import StaticKVCache, additive
+from sdalign_rt.lean_llama import LeanLlamaForward, lean_unsupported
+from sdalign_rt.shallow import merged_input_embeddings
+
+
+def text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def new_cache(model, batch: int, capacity: int, num_layers: int | None = None) -> StaticKVCache:
+    """A StaticKVCache for `model`'s first num_layers decoder layers (all by default), one buffer per device."""
+    decoder = model.get_decoder()
+    config = text_config(model)
+    layers = list(_layer_list(decoder))[:num_layers]
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    devices = [next(layer.parameters()).device for layer in layers]
+    dtype = model.get_input_embeddings().weight.dtype  # the hidden states' dtype (4-bit layers keep it)
+    return StaticKVCache(devices, batch, kv_heads, head_dim, capacity, dtype)
+
+
+def _layer_list(decoder):
+    from sdalign_rt.shallow import _LAYER_LISTS, _attribute
+
+    return getattr(decoder, _attribute(decoder, _LAYER_LISTS, "decoder layer list"))
+
+
+def uses_lean_forward(model, lean: bool | None, who: str = "the model") -> bool:
+    """Which forward `model` runs: the lean one where its architecture allows (lean=None), or as forced.
+    Raises where the choice cannot work: lean=True on another architecture, or a transformers forward whose
+    attention would ignore the tree mask."""
+    reason = lean_unsupported(model.get_decoder())
+    if lean and reason is not None:
+        raise ValueError(f"lean=True, but {who} ({type(model).__name__}) has no lean forward: {reason}")
+    use_lean = reason is None if lean is None else bool(lean)
+    if not use_lean:
+        check_mask_respected(model.get_decoder().config, f"{who} ({type(model).__name__})")
+    return use_lean
 
 
 class ModelRunner:
-    def __init__(self, model, batch: int, device, capacity: int = 1024):
-        self.model = model
-        self.cache = _new_cache(model, capacity)
-        self._cache_arg = _cache_keyword(model)
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
-        self.dtype = next(model.parameters()).dtype
+    def __init__(self, model, cache: StaticKVCache, num_layers: int | None = None, lean: bool | None = None):
+        """lean: None picks the lean forward where the architecture allows it; True insists; False forces the
+        transformers fallback (tests run both)."""
+        self.model, self.cache = model, cache
+        self.lean = uses_lean_forward(model, lean)
+        forward_class = LeanLlamaForward if self.lean else TransformersForward
+        self._forward = forward_class(model.get_decoder(), cache, num_layers)
+        self._run = self._forward  # the call itself (replaced by its compiled version)
+        self.num_layers = self._forward.num_layers
+        self.position_limit = learned_position_limit(model)
 
-    @property
-    def length(self) -> int:
-        """Physical cache length (slots), the same for every row."""
-        return self.valid.shape[1]
+    @torch.no_grad()
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._forward.embed(token_ids)
 
-    def next_positions(self) -> torch.Tensor:
-        return self.valid.sum(-1)
+    def compile(self) -> None:
+        """torch.compile the forward (fixed shapes: one graph per width). On CUDA mode "reduce-overhead"
+        replays CUDA graphs; the cache buffers are marked static so the graphs write them in place."""
+        cuda = self.cache.device.type == "cuda"
+        for buffer in self.cache.buffers:
+            torch._dynamo.mark_static_address(buffer)
+        self._run = torch.compile(self._forward, mode="reduce-overhead" if cuda else None, dynamic=False)
 
-    def forward(self, tokens: torch.Tensor, block_mask: torch.Tensor, positions: torch.Tensor,
-                token_valid: torch.Tensor | None = None, past_mask: torch.Tensor | None = None,
-                hidden: bool = False, **model_inputs):
-        """Run tokens[B, K] on top of the cache and append their K/V.
+    @torch.no_grad()
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+        return self._run(embeds, self._clamp(positions), slots, bias)
 
-        block_mask[B, K, K]: which block tokens each token sees (itself included). past_mask[B, K, S]: which
-        cached slots it sees (default: the row's valid slots). token_valid[B, K]: slots to mark valid after
-        the call (default: all). Invalid queries still see themselves, so no softmax row is empty.
-        Returns (logits[B, K, V], last hidden state[B, K, D] or None); a model without an LM head (a
-        shallow-drafting view) returns (None, last hidden state).
-        """
-        batch, k = tokens.shape
-        if past_mask is None:
-            past_mask = self.valid[:, None, :].expand(batch, k, self.length)
-        own = torch.eye(k, dtype=torch.bool, device=tokens.device)
-        visible = torch.cat([past_mask, block_mask | own], dim=-1)
-        bias = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device)
-        bias.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        if model_inputs.get("inputs_embeds") is not None:  # precomputed (media-merged) embeddings of the tokens
-            tokens_in = None
-        else:
-            tokens_in = tokens
-        out = self.model(input_ids=tokens_in, attention_mask=bias[:, None], position_ids=positions,
-                         **{self._cache_arg: self.cache}, use_cache=True, output_hidden_states=hidden,
-                         **model_inputs)
-        if token_valid is None:
-            token_valid = torch.ones(batch, k, dtype=torch.bool, device=tokens.device)
-        self.valid = torch.cat([self.valid, token_valid], dim=1)
-        logits = getattr(out, "logits", None)
-        if logits is None:  # a decoder stack (shallow drafting view): no head, its last state is the output
-            return None, out.last_hidden_state
-        return logits, (out.hidden_states[-1] if hidden else None)
+    def _clamp(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.position_limit is None:
+            return positions
+        # Tree nodes past the table are never emitted (generate refuses prompts + new tokens past it).
+        return positions.clamp(max=self.position_limit - 1)
 
-    def extend(self, tokens: torch.Tensor, valid: torch.Tensor, hidden: bool = False, **model_inputs):
-        """Append a block of committed tokens whose rows are padded (valid[B, K] False): causal within the
-        block, padding masked out, positions continuing each row's count. On an empty cache this is the
-        left-padded prompt's prefill (positions from 0 per row)."""
-        k = tokens.shape[1]
-        valid = valid.bool()
-        causal = torch.ones(k, k, dtype=torch.bool, device=tokens.device).tril()
-        positions = self.next_positions()[:, None] + (valid.long().cumsum(-1) - 1).clamp(min=0)
-        return self.forward(tokens, causal[None] & valid[:, None, :], positions, token_valid=valid, hidden=hidden,
-                            **model_inputs)
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: dict | None = None,
+                last_only: bool = True, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run a left-padded prompt [B, P] into empty slots [0, P). Returns the hidden state at the last
+        position [B, D] (or all [B, P, D]). Media (pixel values, events) are merged by the model's own code;
+        embeds [B, P, D] gives the first layer's input directly (media already merged)."""
+        batch, length = input_ids.shape
+        self.cache.check_room(length, "the prompt")
+        valid = attention_mask.bool()
+        if embeds is None:
+            embeds = (merged_input_embeddings(self.model, input_ids, attention_mask=attention_mask, **media) if media
+                      else self.embed(input_ids))
+        starts = length - valid.sum(-1)
+        self.cache.reset(starts, starts)  # nothing committed yet: the block below is all a row sees
+        index = torch.arange(length, device=input_ids.device)
+        # Causal over real tokens; a pad query sees itself only, so no softmax row is empty.
+        visible = ((index[None, :, None] >= index[None, None, :]) & valid[:, None, :]) | torch.eye(
+            length, dtype=torch.bool, device=input_ids.device)
+        block = additive(visible, self.cache.dtype)
+        slots = index.expand(batch, length)
+        start_offset = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        positions = (index[None, :] - starts[:, None]).clamp(min=0)  # HF generate's left-padding positions
+        # Eager even when compiled: prompt lengths vary, and one graph per length would never pay.
+        hidden = self._forward(embeds, self._clamp(positions), slots, self.cache.attention_bias(block, start_offset))
+        self.cache.reset(starts, torch.full_like(starts, length))
+        return hidden[:, -1] if last_only else hidden
 
-    def crop(self, length: int) -> None:
-        remove = self.length - length
-        if remove > 0:
-            self.cache.crop(-remove)  # a negative count removes tokens in transformers 4.x and 5.x alike
-        self.valid = self.valid[:, :length]
-
-    def keep_accepted(self, accept_nodes: torch.Tensor, accept_len: torch.Tensor, tree_start: int,
-                      longest: int) -> None:
-        """After a tree forward at slots [tree_start, tree_start + N): move each row's accepted nodes to the
-        front of the tree region (kv_compact), drop the rest of the region beyond the longest row, and mark
-        each row's accepted slots valid."""
-        ops.kv_compact(self.cache.filled() if hasattr(self.cache, "filled") else self.cache, accept_nodes, tree_start)
-        self.crop(tree_start + longest)
-        steps = torch.arange(longest, device=accept_len.device)
-        self.valid[:, tree_start:] = steps[None, :] < accept_len[:, None]
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's LM head on these states only ([..., D] -> [..., V])."""
+        return self.model.get_output_embeddings()(hidden)
 
 
-def _cache_keyword(model) -> str:
-    """transformers renamed past_key_values to cache (5.2x); older releases only know the first name. A
-    subclass forward taking **kwargs hides it, so look up the class hierarchy for the first that names one."""
-    for cls in type(model).__mro__:
-        forward = cls.__dict__.get("forward")
-        if forward is None:
-            continue
-        parameters = inspect.signature(forward).parameters
-        for name in ("cache", "past_key_values"):
-            if name in parameters:
-                return name
-    return "past_key_values"
-
-
-def _new_cache(model, capacity: int):
-    """A PreallocatedCache when this transformers has the layered cache API, else its DynamicCache."""
-    try:
-        from sdalign_rt.kv_cache import PreallocatedCache
-    except ImportError:
-        from transformers import DynamicCache
-
-        return DynamicCache()
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return PreallocatedCache(config.num_hidden_layers, capacity)
+def learned_position_limit(model) -> int | None:
+    """The size of a learned position table (GPT-2's wpe), which indexes out of range past it; None for rotary
+    models, which have no hard limit."""
+    if any("rotary" in name.lower() for name, _ in model.get_decoder().named_modules()):
+        return None
+    return getattr(text_config(model), "max_position_embeddings", None)

@@ -50,7 +50,11 @@ def check_draft_layers(model, k) -> None:
 def shallow_view(model, k: int):
     """The first k decoder layers of `model` as a module returning raw layer-k hidden states."""
     check_draft_layers(model, k)
-    decoder = model.get_decoder()
+    return shallow_view_of_decoder(model.get_decoder(), k)
+
+
+def shallow_view_of_decoder(decoder, k: int):
+    """The first k layers of a decoder stack (final norm replaced by the identity), sharing its weights."""
     _install_output_hooks(decoder)
     layers, norm = _attribute(decoder, _LAYER_LISTS, "decoder layer list"), _attribute(decoder, _FINAL_NORMS, "final norm")
     view = copy.copy(decoder)

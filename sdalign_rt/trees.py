@@ -55,6 +55,11 @@ class TreeSpec:
         return cls("static", max(map(len, ordered)), max(p[-1] for p in ordered) + 1, len(ordered), ordered)
 
     @classmethod
+    def root_only(cls) -> "TreeSpec":
+        """No drafts: each step verifies the root alone (plain one-token decoding through the same loop)."""
+        return cls("root", 0, 0, 0, ())
+
+    @classmethod
     def dynamic(cls, top_k: int, depth: int, total_tokens: int) -> "TreeSpec":
         """EAGLE-2: expand the top_k best nodes by top_k children per level for depth levels, keep the
         total_tokens best nodes by cumulative draft log-probability."""

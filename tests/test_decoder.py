@@ -62,15 +62,16 @@ def reference(ids, mask, max_new_tokens, eos=None):
 @settings(max_examples=30)
 @given(draft=st.sampled_from(sorted(DRAFTS)), tree=st.sampled_from(sorted(TREES)),
        lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3), max_new=st.integers(1, 24),
-       aligned=st.booleans(), seed=st.integers(0, 2**16))
-def test_greedy_equals_target_generate(draft, tree, lengths, max_new, aligned, seed):
+       aligned=st.booleans(), lean=st.booleans(), seed=st.integers(0, 2**16))
+def test_greedy_equals_target_generate(draft, tree, lengths, max_new, aligned, lean, seed):
+    """Through the lean forward and through transformers' own (lean=False)."""
     ids, mask = left_padded_prompts(lengths, seed)
     drafter = DRAFTS[draft]
     adapter = None
     if aligned:  # identity at init; maps the drafter's hidden size onto the verifier's when they differ
         adapter = sd.BottleneckAdapter(drafter.config.hidden_size, 16, out_size=TARGET.config.hidden_size)
         torch.nn.init.normal_(adapter.up.weight, std=0.02)
-    decoder = sd.SpeculativeDecoder(target=TARGET, draft=drafter, adapter=adapter, tree=TREES[tree])
+    decoder = sd.SpeculativeDecoder(target=TARGET, draft=drafter, adapter=adapter, tree=TREES[tree], lean=lean)
     out = decoder.generate(ids, max_new, attention_mask=mask)
     assert torch.equal(out.sequences, reference(ids, mask, max_new))
 
@@ -148,14 +149,16 @@ def homogeneity_p_value(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
 
 
-@pytest.mark.parametrize("tree,warp", [("chain4", dict(temperature=1.0)),
-                                       ("static", dict(temperature=0.7, top_k=20, top_p=0.9))])
-def test_sample_mode_matches_target_sampling(tree, warp):
+@pytest.mark.parametrize("tree,warp,lean", [("chain4", dict(temperature=1.0), True),
+                                            ("static", dict(temperature=0.7, top_k=20, top_p=0.9), True),
+                                            ("dynamic", dict(temperature=0.8, top_k=30), False)])
+def test_sample_mode_matches_target_sampling(tree, warp, lean):
     """Each of the first new tokens is distributed as in target.generate(do_sample=True): two-sample
     chi-square on 3000 rows each, fixed seeds, p > 1e-4 per position."""
     rows, new = 3000, 4
     ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(11)).expand(rows, -1)
-    decoder = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], mode="sample", tree=TREES[tree])
+    decoder = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], mode="sample", tree=TREES[tree],
+                                    lean=lean)
     out = decoder.generate(ids, new, generator=torch.Generator().manual_seed(1), **warp)
     ours = out.sequences[:, 6:]
     assert 0.02 < out.stats["acceptance_rate"] < 0.98  # both the accept and the reject branch are exercised
@@ -177,18 +180,19 @@ def test_sample_mode_is_reproducible_with_a_generator():
         decoder.generate(ids, 4, temperature=0.0)
 
 
-@pytest.mark.parametrize("tree", ["chain4", "static", "dynamic"])
-def test_feature_mode_thresholds(tree):
+@pytest.mark.parametrize("tree,lean", [("chain4", True), ("static", False), ("dynamic", True)])
+def test_feature_mode_thresholds(tree, lean):
     """threshold > 1 accepts nothing (output = greedy verifier output); -1 accepts every draft (lossy, and
     the mismatches are reported)."""
     ids, mask = left_padded_prompts([5, 4], 9)
     expected = reference(ids, mask, 15)
     nothing = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], mode="feature", tree=TREES[tree],
-                                    feature_threshold=1.5).generate(ids, 15, attention_mask=mask)
+                                    feature_threshold=1.5, lean=lean).generate(ids, 15, attention_mask=mask)
     assert torch.equal(nothing.sequences, expected)
     assert nothing.stats["accepted"] == 0 and nothing.stats["feature_mismatches"] == 0
     everything = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["unrelated"], mode="feature", tree=TREES[tree],
-                                       adapter=sd.BottleneckAdapter(32, 8, out_size=64), feature_threshold=-1.0)
+                                       adapter=sd.BottleneckAdapter(32, 8, out_size=64), feature_threshold=-1.0,
+                                       lean=lean)
     out = everything.generate(ids, 16, attention_mask=mask)
     assert out.stats["per_position_acceptance"][0] == 1.0
     if tree != "dynamic":  # a static tree's deepest path has depth nodes

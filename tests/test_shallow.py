@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("transformers")
 
 import sdalign_rt as sd  # noqa: E402
-from sdalign_rt.model_runner import ModelRunner  # noqa: E402
+from sdalign_rt.model_runner import new_cache  # noqa: E402
 from sdalign_rt.shallow import shallow_view  # noqa: E402
 from test_decoder import TREES, left_padded_prompts, tiny_llama  # noqa: E402
 
@@ -31,8 +31,7 @@ def test_view_returns_layer_k_states_and_shares_weights(k):
     own = {p.data_ptr() for p in TARGET4.parameters()}
     assert all(p.data_ptr() in own for p in view.parameters())  # no copy
     assert len(TARGET4.model.layers) == 4 and TARGET4.config.num_hidden_layers == 4  # the model is untouched
-    runner = ModelRunner(view, 2, torch.device("cpu"))
-    assert runner.cache.num_layers == k  # a k-layer KV cache
+    assert new_cache(TARGET4, 2, 16, num_layers=k).num_layers == k  # a k-layer KV cache
 
 
 @pytest.mark.parametrize("tree", ["chain4", "static", "dynamic"])

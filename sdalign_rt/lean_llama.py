@@ -1,0 +1,108 @@
+"""The lean forward of LLaMA-family decoders: the model's own modules over a StaticKVCache.
+
+transformers' forward builds a mask and a cache object per call and runs ~200 Python-level ops per layer
+around the matmuls. Here one call is: embeddings in, for each layer its own RMSNorm, q/k/v/o projections
+(called as modules, so bitsandbytes 4-bit layers keep working), the model's rotary embedding and its
+`apply_rotary_pos_emb`, a scatter of the new K/V into their slots, one SDPA over the whole fixed-capacity
+cache under the caller's additive bias, the MLP module; no transformers mask or cache object, no shape that
+depends on how full the cache is. Weights are the model's (nothing is copied or rewritten), so the output is
+the model's up to the rounding of a different attention reduction.
+
+Covered: every decoder whose layers are transformers' LlamaDecoderLayer: LlamaForCausalLM (SmolLM2, Vicuna),
+EventGPT's language model, the language models inside Llava and Video-LLaVA. Others use TransformersForward.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from sdalign_rt.kv_cache import StaticKVCache
+
+
+def lean_unsupported(decoder) -> str | None:
+    """None if `decoder` (a model's decoder stack) can run lean, else why not."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    except ImportError as error:
+        return f"transformers has no LLaMA model ({error})"
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not all(isinstance(layer, LlamaDecoderLayer) for layer in layers):
+        return f"{type(decoder).__name__} is not a stack of LlamaDecoderLayer"
+    for name in ("embed_tokens", "norm", "rotary_emb"):
+        if getattr(decoder, name, None) is None:
+            return f"{type(decoder).__name__} has no {name}"
+    if getattr(decoder.config, "sliding_window", None):
+        return "sliding-window attention is not implemented by the lean forward"
+    # accelerate's offloading hooks load weights when a whole layer is called; the lean forward calls the
+    # layer's parts, so offloaded weights would never arrive.
+    if any(getattr(getattr(module, "_hf_hook", None), "offload", False) for module in decoder.modules()):
+        return "some of its weights are offloaded by accelerate (cpu / disk)"
+    return None
+
+
+class LeanLlamaForward:
+    """Runs a LLaMA decoder: all its layers and its final norm (num_layers=None), or its first num_layers
+    layers with no norm (shallow drafting: the raw layer-k output, as output_hidden_states[k] gives it).
+
+    Call: (embeds[B, T, D], positions[B, T] int64, slots[B, T] int64, bias[B, 1, T, capacity]) -> hidden
+    [B, T, D]. The K/V of the T tokens land in `cache` at `slots`.
+    """
+
+    def __init__(self, decoder, cache: StaticKVCache, num_layers: int | None = None):
+        reason = lean_unsupported(decoder)
+        if reason is not None:
+            raise ValueError(f"no lean forward: {reason}")
+        total = len(decoder.layers)
+        self.num_layers = total if num_layers is None else num_layers
+        if not 1 <= self.num_layers <= min(total, cache.num_layers):
+            raise ValueError(f"num_layers must be in [1, {min(total, cache.num_layers)}], got {self.num_layers}")
+        self.decoder, self.cache = decoder, cache
+        self.layers = list(decoder.layers)[: self.num_layers]
+        self.norm = decoder.norm if num_layers is None else None
+        self.rotary = decoder.rotary_emb
+        attention = self.layers[0].self_attn
+        # The rotary application of the attention's own modeling module (LLaMA's, or a subclass's override).
+        self._apply_rope = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.head_dim = attention.head_dim
+        self.heads = decoder.config.num_attention_heads
+        self.kv_heads = decoder.config.num_key_value_heads
+        self._devices = [cache.layer_device(i) for i in range(self.num_layers)]
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(token_ids)
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 bias: torch.Tensor) -> torch.Tensor:
+        batch, tokens = embeds.shape[:2]
+        hidden = embeds
+        per_device = {}  # what each device's layers share: rotary tables, the bias, the slot index
+        for index, layer in enumerate(self.layers):
+            device = self._devices[index]
+            if device not in per_device:
+                hidden = hidden.to(device)
+                cos, sin = self.rotary(hidden, positions.to(device))
+                slot_index = slots.to(device)[:, None, :, None].expand(batch, self.kv_heads, tokens, self.head_dim)
+                per_device[device] = (cos, sin, bias.to(device), slot_index)
+            cos, sin, device_bias, slot_index = per_device[device]
+            hidden = self._layer(layer, index, hidden, cos, sin, device_bias, slot_index)
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        return hidden
+
+    def _layer(self, layer, index, hidden, cos, sin, bias, slot_index):
+        batch, tokens = hidden.shape[:2]
+        attention = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        # q [B, H, T, Dh]; k, v [B, H_kv, T, Dh]
+        q = attention.q_proj(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+        k = attention.k_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attention.v_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self._apply_rope(q, k, cos, sin)
+        keys, values = self.cache.layer(index)
+        StaticKVCache.write(keys, values, k, v, slot_index)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attention.scaling,
+                                             enable_gqa=self.heads != self.kv_heads)
+        hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -1,0 +1,62 @@
+"""TreePlan: everything a static tree's shape fixes, built once per TreeSpec, device and dtype.
+
+Plan once, run many: the per-step path only indexes these tensors, so no step builds a mask, computes a
+depth or reads a node count back to the host. Worked example, choices [(0,), (1,), (0, 0)]:
+
+    node      0 (root)  1 (0,)  2 (1,)  3 (0, 0)
+    parents   -1        0       0       1
+    depths    0         1       1       2          -> verifier positions length + [0, 1, 1, 2]
+    ranks     -1        0       1       0          (sibling rank: 0 is the drafter's top token)
+    levels    [(0, 1), (1, 3), (3, 4)]             (node ranges per depth: BFS order)
+    block     row 3 sees nodes 0, 1, 3             (additive: 0 there, dtype min elsewhere)
+    drafted   nodes 0, 1, 2 run through the drafter (the last level never does): offsets [0, 1, 2, -1]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sdalign_rt import ops
+from sdalign_rt.kv_cache import additive
+from sdalign_rt.trees import TreeSpec
+
+
+@dataclass(frozen=True)
+class TreePlan:
+    nodes: int  # N, the root included
+    depth: int
+    parents: torch.Tensor  # [B, N] int64 (contiguous, as the verification ops take it)
+    depths: torch.Tensor  # [1, N] int64
+    ranks: torch.Tensor  # [1, N] int64, -1 at the root
+    block: torch.Tensor  # [1, N, N] additive: node i sees itself and its ancestors
+    levels: tuple  # per depth: (first node, end) of its nodes, host ints
+    parent_in_level: tuple  # per depth d >= 1: [w_d] index of each node's parent within level d - 1
+    children_needed: tuple  # per depth d >= 1: how many top tokens level d - 1's nodes must provide
+    drafter_offsets: torch.Tensor  # [1, N]: where the drafter's tree region holds node i (-1: never run)
+
+    @classmethod
+    def build(cls, spec: TreeSpec, device, dtype: torch.dtype, batch: int = 1) -> "TreePlan":
+        if not spec.is_static:
+            raise ValueError("a dynamic tree is planned per step (select_dynamic_tree), not once")
+        parents = torch.tensor([spec.parents()], dtype=torch.int64, device=device)
+        ranks = torch.tensor([spec.ranks()], dtype=torch.int64, device=device)
+        masks = ops.build_tree(parents, 0)  # the op's mask and depths: plan time only, never per step
+        depth_list = masks.depth[0].tolist()
+        levels, parent_in_level, children_needed = [], [None], [None]
+        for d in range(spec.depth + 1):
+            members = [i for i, n in enumerate(depth_list) if n == d]
+            if members != list(range(members[0], members[-1] + 1)):
+                raise ValueError(f"tree nodes of depth {d} are not contiguous: {members}")  # TreeSpec sorts them
+            levels.append((members[0], members[-1] + 1))
+        parents_list, ranks_list = spec.parents(), spec.ranks()
+        for d in range(1, spec.depth + 1):
+            start, end = levels[d]
+            previous = levels[d - 1][0]
+            parent_in_level.append(torch.tensor([parents_list[i] - previous for i in range(start, end)],
+                                                dtype=torch.int64, device=device))
+            children_needed.append(max(ranks_list[start:end]) + 1)
+        drafted = torch.tensor([[i if depth_list[i] < spec.depth else -1 for i in range(len(depth_list))]],
+                               dtype=torch.int64, device=device)
+        return cls(len(depth_list), spec.depth, parents.expand(batch, -1).contiguous(), masks.depth, ranks, additive(masks.mask[:, 0], dtype),
+                   tuple(levels), tuple(parent_in_level), tuple(children_needed), drafted)
