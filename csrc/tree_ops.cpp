@@ -187,7 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_sampling(const at::Te
           break;
         }
       }
-      bon[b] = pick >= 0 ? pick : last_positive;
+      // No positive weight (a nan or all-zero row): token 0, never a negative id.
+      bon[b] = pick >= 0 ? pick : (last_positive >= 0 ? last_positive : 0);
     }
   });
   return {accept_nodes, accept_len, bonus};

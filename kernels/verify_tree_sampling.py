@@ -64,7 +64,7 @@ def _verify_tree_sampling_kernel(
     tl.store(accept_len_ptr + tree, (depth + 1).to(tl.int64))
 
     # Bonus token: first index whose running residual sum exceeds u * mass (the last positive index if
-    # rounding leaves none), matching reference._sample_from.
+    # rounding leaves none, token 0 if nothing is positive: nan rows), matching reference._sample_from.
     target = tl.load(uniform).to(tl.float32) * mass
     running = tl.zeros([], dtype=tl.float32)
     found = tl.full([], -1, tl.int32)
@@ -80,7 +80,7 @@ def _verify_tree_sampling_kernel(
         found = tl.where((found < 0) & (first < V), first, found)
         last_positive = tl.maximum(last_positive, tl.max(tl.where(w > 0, vs, -1), axis=0))
         running += tl.sum(w, axis=0)
-    tl.store(bonus_ptr + tree, tl.where(found >= 0, found, last_positive).to(tl.int64))
+    tl.store(bonus_ptr + tree, tl.where(found >= 0, found, tl.maximum(last_positive, 0)).to(tl.int64))
 
 
 def verify_tree_sampling(draft_tokens, parents, target_probs, uniform, max_depth=None):

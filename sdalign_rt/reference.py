@@ -172,12 +172,13 @@ def verify_tree_greedy(draft_tokens, parents, target_argmax):
 
 def _sample_from(weights: torch.Tensor, mass: float, u: float) -> int:
     """Inverse CDF: the first index whose running sum exceeds u * mass (the last positive one if rounding
-    leaves none)."""
+    leaves none; token 0 if no weight is positive: a nan or all-zero row, never a negative id)."""
     cdf = torch.cumsum(weights, 0)
     hits = torch.nonzero(cdf > u * mass)
     if hits.numel():
         return int(hits[0])
-    return int(torch.nonzero(weights > 0)[-1])
+    positive = torch.nonzero(weights > 0)
+    return int(positive[-1]) if positive.numel() else 0
 
 
 def verify_tree_sampling(draft_tokens, parents, target_probs, uniform):

@@ -192,3 +192,16 @@ def test_bad_input(change, message):
     uniform = torch.rand(2, 3)
     with pytest.raises(ValueError, match=message):
         sd.ops.verify_tree_sampling(*change(tokens, parents, probs, uniform))
+
+
+@pytest.mark.parametrize("fill", [float("nan"), 0.0])
+def test_degenerate_rows_never_give_a_negative_token(backend, device, fill):
+    """A nan (or all-zero) distribution, as a broken model produces, with value checks off as in the decoding
+    loop: every backend still returns a valid token id (the loop reports the non-finite logits itself)."""
+    parents = torch.tensor([[-1, 0, 1], [-1, 0, 0]], device=device)
+    draft = torch.tensor([[0, 3, 4], [0, 1, 2]], device=device)
+    probs = torch.full((2, 3, 6), fill, device=device)
+    with sd.ops.value_checks(False):
+        accept_nodes, accept_len, bonus = sd.ops.verify_tree_sampling(draft, parents, probs,
+                                                                      torch.full((2, 3), 0.5, device=device))
+    assert bonus.tolist() == [0, 0] and accept_len.tolist() == [1, 1]
