@@ -28,6 +28,25 @@ WEIGHTS_NAME = "adapter.safetensors"
 
 
 class BottleneckAdapter(nn.Module):
+    """Maps drafter hidden states [..., hidden_size] to the verifier's [..., out_size] (same dtype as the input).
+
+    Parameters
+    ----------
+    hidden_size : the drafter's hidden size D; bottleneck : R (256 gives ~2M parameters at D = 4096);
+    out_size : the verifier's hidden size (default D: then y = x + up(gelu(down(x))), the identity at init).
+    input_norm : a learned RMSNorm in front (shallow drafting: start it from the drafter's final norm).
+    draft_vocab : [V'] int64 verifier token ids the drafts are scored over (EAGLE-3's reduced head), saved with it.
+
+    Example
+    -------
+    >>> adapter = BottleneckAdapter(8, 4)
+    >>> x = torch.randn(2, 3, 8)
+    >>> torch.equal(adapter(x), x)  # the up-projection starts at zero
+    True
+    >>> adapter.draft_head(torch.randn(10, 8)).shape  # without a draft_vocab: every row of the LM head
+    torch.Size([10, 8])
+    """
+
     def __init__(self, hidden_size: int, bottleneck: int = 256, out_size: int | None = None, *,
                  input_norm: bool = False, norm_eps: float = 1e-5, draft_vocab: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None, device=None):

@@ -78,12 +78,13 @@ class SpeculativeDecoder:
 
     A decoder runs one generate call at a time: it keeps its caches (and compiled graphs) between calls.
 
-    Example
-    -------
-    >>> decoder = SpeculativeDecoder(target=model, draft=model, adapter=adapter, draft_layers=2,
-    ...                              tree=TreeSpec.static([(0,), (1,), (0, 0)]))
-    >>> out = decoder.generate(input_ids, max_new_tokens=64)
-    >>> out.sequences.shape, out.stats["mean_accepted"]
+    Example (`model` a LlamaForCausalLM, `adapter` trained by `sdalign-rt train-adapter --draft-layers 2`)::
+
+        decoder = SpeculativeDecoder(target=model, draft=model, adapter=adapter, draft_layers=2,
+                                     tree=TreeSpec.static([(0,), (1,), (0, 0)]))
+        out = decoder.generate(input_ids, max_new_tokens=64)   # input_ids [B, P] int64, left-padded
+        out.sequences                                          # [B, P + 64]
+        out.stats["mean_accepted"]                             # tokens per step (tau)
     """
 
     def __init__(self, target, draft, adapter: BottleneckAdapter | None = None, mode: str = "greedy",

@@ -128,9 +128,23 @@ def _adapter_limits(hidden: int, bottleneck: int) -> str | None:
 
 
 def fused_adapter(x, w_down, b_down, w_up, b_up):
-    """y = x + gelu(x @ w_down.T + b_down) @ w_up.T + b_up (erf GELU, fp32 accumulation, y in x's dtype).
+    """The bottleneck adapter: y = x + gelu(x @ w_down.T + b_down) @ w_up.T + b_up.
 
-    x[..., D], w_down[R, D], b_down[R] or None, w_up[D, R], b_up[D] or None.
+    Parameters
+    ----------
+    x : [..., D] float32 / float16 / bfloat16, drafter hidden states (any leading dims).
+    w_down : [R, D], b_down : [R] or None; w_up : [D, R], b_up : [D] or None. Weights share one float dtype.
+
+    Returns
+    -------
+    y : [..., D] in x's dtype. Matmul operands in the weights' dtype, fp32 accumulation, exact erf GELU.
+
+    Example
+    -------
+    >>> x = torch.ones(1, 2, 4)
+    >>> w_down, w_up = torch.zeros(3, 4), torch.zeros(4, 3)  # a zero up-projection is the identity
+    >>> torch.equal(fused_adapter(x, w_down, None, w_up, None), x)
+    True
     """
     checks.tensor("x", x, min_ndim=1, dtypes=checks.FLOAT_DTYPES)
     bottleneck = checks.adapter_weights(x.shape[-1], w_down, b_down, w_up, b_up)
@@ -153,10 +167,25 @@ def _check_pair(a, b):
 
 
 def cosine_accept(a, b, threshold: float = 0.9, mode: str = "consecutive"):
-    """(sims[B, T] fp32, accept[B, T] bool, n_accept[B] int64) for a, b [B, T, D].
+    """Cosine similarity per position and the acceptance it implies.
 
-    sims = cosine(a, b) per position in fp32 (0 for zero-norm rows, clamped to [-1, 1]); accept =
-    sims >= threshold; n_accept = leading run of accepted positions ("consecutive") or their count ("relaxed").
+    Parameters
+    ----------
+    a, b : [B, T, D] float32 / float16 / bfloat16, the same shape (adapted drafter and verifier states).
+    threshold : float; mode : "consecutive" (n_accept counts the leading run) or "relaxed" (all accepted).
+
+    Returns
+    -------
+    sims : [B, T] float32, clamped to [-1, 1], 0 for a zero-norm row, nan for a non-finite one (never accepted);
+    accept : [B, T] bool, sims >= threshold; n_accept : [B] int64.
+
+    Example
+    -------
+    >>> a = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    >>> b = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]]])
+    >>> sims, accept, n = cosine_accept(a, b, 0.9, "consecutive")
+    >>> accept.tolist(), n.tolist(), cosine_accept(a, b, 0.9, "relaxed")[2].tolist()
+    ([[True, False, True]], [1], [2])
     """
     _check_pair(a, b)
     threshold, mode = checks.threshold(threshold), checks.accept_mode(mode)
@@ -167,10 +196,24 @@ def cosine_accept(a, b, threshold: float = 0.9, mode: str = "consecutive"):
 
 
 def adapter_cosine_accept(a, b, w_down, b_down, w_up, b_up, threshold: float = 0.9, mode: str = "consecutive"):
-    """fused_adapter(a) and cosine_accept(adapted, b) in one launch.
+    """fused_adapter(a) and cosine_accept(adapted, b) in one launch (the adapted states go to memory once).
 
-    a: drafter hidden states [B, T, D]; b: verifier hidden states [B, T, D].
-    Returns (adapted[B, T, D] in a's dtype, sims[B, T], accept[B, T], n_accept[B]).
+    Parameters
+    ----------
+    a : [B, T, D] drafter states; b : [B, T, D] verifier states (float32 / float16 / bfloat16).
+    w_down, b_down, w_up, b_up, threshold, mode : as in fused_adapter and cosine_accept.
+
+    Returns
+    -------
+    (adapted [B, T, D] in a's dtype, sims [B, T] float32, accept [B, T] bool, n_accept [B] int64); the cosine is
+    taken on `adapted` as stored.
+
+    Example
+    -------
+    >>> a = torch.randn(1, 3, 8)
+    >>> adapted, sims, accept, n = adapter_cosine_accept(a, a, torch.zeros(2, 8), None, torch.zeros(8, 2), None)
+    >>> bool(accept.all()), n.tolist()  # an identity adapter: every state matches itself
+    (True, [3])
     """
     _check_pair(a, b)
     bottleneck = checks.adapter_weights(a.shape[-1], w_down, b_down, w_up, b_up)
@@ -193,11 +236,26 @@ def _row_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def build_tree(parents, prefix_len=0, *, num_leaves: int | None = None, max_depth: int | None = None) -> TreeMasks:
-    """Tree attention data for parents[B, N] on top of prefix_len[B] (or an int) cached tokens.
+    """Tree attention data for token trees on top of cached prefixes.
 
-    parents[b, 0] == -1 (root) and parents[b, i] < i. See TreeMasks for the fields. retrieve's width depends
-    on the trees; a caller that planned them (a static tree spec) passes num_leaves (the largest leaf count)
-    and max_depth, which skips the host sync that reads them on CUDA and makes the call graph-capturable.
+    Parameters
+    ----------
+    parents : [B, N] int32 / int64, parents[b, 0] == -1 (the root) and 0 <= parents[b, i] < i.
+    prefix_len : [B] int32 / int64 or an int, tokens already cached per row.
+    num_leaves, max_depth : int, optional exact hints (a planned static tree knows them): they fix retrieve's
+        shape without reading the trees, which skips a host sync on CUDA and makes the call graph-capturable.
+
+    Returns
+    -------
+    TreeMasks(positions [B, N] int64 = prefix + depth, mask [B, 1, N, N] bool (self and ancestors),
+    bitmask [B, N, ceil(N / 32)] int32, retrieve [B, L, max_depth + 1] int64 root-to-leaf paths padded -1,
+    depth [B, N] int64).
+
+    Example
+    -------
+    >>> masks = build_tree(torch.tensor([[-1, 0, 0, 1]]), 7)
+    >>> masks.positions.tolist(), masks.retrieve.tolist()
+    ([[7, 8, 8, 9]], [[[0, 2, -1], [0, 1, 3]]])
     """
     checks.tree_parents(parents)
     batch, n = parents.shape
@@ -253,13 +311,28 @@ def _check_max_depth(parents, max_depth):
 
 
 def verify_tree_greedy(draft_tokens, parents, target_argmax, *, max_depth: int | None = None):
-    """Greedy tree verification: (accept_nodes[B, max_depth + 1] padded -1, accept_len[B], bonus_token[B]).
+    """Greedy tree verification: the longest path of drafts the verifier's argmax agrees with.
 
-    draft_tokens[B, N] (node 0 is the root, its token is not tested), parents[B, N], target_argmax[B, N]
-    (the verifier's argmax after each node). Node i > 0 is accepted iff its parent is and draft_tokens[i] ==
-    target_argmax[parent(i)]; the deepest accepted node wins (ties: lowest index); accept_len counts the
-    accepted nodes with the root; bonus_token = target_argmax at the last accepted node. max_depth defaults
-    to the trees' depth; passing it skips a host sync on CUDA.
+    Parameters
+    ----------
+    draft_tokens : [B, N] int32 / int64, node 0 the root (its token is not tested).
+    parents : [B, N] int32 / int64, a tree per row (see build_tree).
+    target_argmax : [B, N] int32 / int64, the verifier's argmax after each node.
+    max_depth : int, optional: the output width (default the trees' depth, which reads them: a host sync on CUDA).
+
+    Returns
+    -------
+    accept_nodes : [B, max_depth + 1] int64, root first, -1 padded; accept_len : [B] int64, accepted nodes with
+    the root (= tokens the step emits); bonus_token : [B] int64, target_argmax at the last accepted node.
+    Node i > 0 is accepted iff its parent is and draft_tokens[i] == target_argmax[parent(i)]; the deepest accepted
+    node wins (ties: the lowest index).
+
+    Example
+    -------
+    >>> parents = torch.tensor([[-1, 0, 0, 2]])
+    >>> draft, argmax = torch.tensor([[5, 7, 8, 9]]), torch.tensor([[8, 1, 9, 4]])
+    >>> [t.tolist() for t in verify_tree_greedy(draft, parents, argmax)]
+    [[[0, 2, 3]], [3], [4]]
     """
     checks.tree_parents(parents)
     batch, n = parents.shape
@@ -284,13 +357,27 @@ def verify_tree_sampling(draft_tokens, parents, target_probs, uniform=None, *, g
                          max_depth: int | None = None):
     """Lossless speculative sampling over a tree of deterministic (e.g. top-k) drafts.
 
-    target_probs[B, N, V]: the verifier's next-token distribution after each node (tempered / truncated as
-    wanted; need not sum to 1). uniform[B, N] in [0, 1): node i's acceptance test uses uniform[b, i], the
-    bonus draw uses uniform[b, 0]; drawn with `generator` when None. From the root, children are tried in
-    index order: child token x is accepted with probability w[x] / sum(w), where w is target_probs at the
-    current node with the tokens already rejected there zeroed; on rejection w[x] = 0. The bonus token is
-    drawn from the final w. The emitted tokens are distributed exactly as the verifier's own samples.
-    Returns (accept_nodes[B, max_depth + 1] padded -1, accept_len[B], bonus_token[B]).
+    Parameters
+    ----------
+    draft_tokens, parents : [B, N] int32 / int64, as in verify_tree_greedy.
+    target_probs : [B, N, V] float32 / float16 / bfloat16, the verifier's next-token distribution after each node
+        (tempered / truncated as wanted; need not sum to 1).
+    uniform : [B, N] float in [0, 1), optional: node i's test uses uniform[b, i], the bonus draw uniform[b, 0];
+        drawn with `generator` when None.
+    max_depth : int, optional, as in verify_tree_greedy.
+
+    Returns
+    -------
+    (accept_nodes [B, max_depth + 1] int64, accept_len [B] int64, bonus_token [B] int64). From the root, children
+    are tried in index order: child token x is accepted with probability w[x] / sum(w), w being target_probs at the
+    current node with the tokens already rejected there zeroed; on rejection w[x] = 0. The bonus token is drawn
+    from the final w (token 0 if nothing in it is positive). Emitted tokens are distributed as the verifier's own.
+
+    Example
+    -------
+    >>> probs = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # one-hot: it reduces to greedy
+    >>> [t.tolist() for t in verify_tree_sampling(torch.tensor([[0, 1]]), torch.tensor([[-1, 0]]), probs)]
+    [[[0, 1]], [2], [2]]
     """
     checks.tree_parents(parents)
     batch, n = parents.shape
@@ -360,13 +447,25 @@ def _stacked_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def kv_compact(caches, accept_nodes, prefix_len):
-    """Move the accepted tree slots of every cache tensor to [prefix_len, prefix_len + accept_len), in place.
+    """Keep the accepted tree slots: move them to [prefix_len, prefix_len + accept_len), in place.
 
-    caches: a tensor [..., B, H, S, Dh] (leading dims: layers, K/V), a sequence of such tensors (or of
-    (k, v) pairs), or a transformers cache object (crop it to new_len afterwards). Tree node i sits at slot prefix_len + i; accept_nodes[B, M] (root first, -1 padding, as
-    verify_tree_* return it) names the nodes to keep. Returns new_len[B] = prefix_len + accept_len.
-    One launch on CUDA when the caches are one tensor or equally spaced views of one buffer (the
-    preallocated layout); otherwise one launch per tensor.
+    Parameters
+    ----------
+    caches : a tensor [..., B, H, S, Dh] (leading dims: layers, K/V), a sequence of such tensors or (k, v) pairs,
+        or a transformers cache object. Tree node i sits at slot prefix_len + i.
+    accept_nodes : [B, M] int32 / int64, root first, strictly increasing, -1 padded (as verify_tree_* give it).
+    prefix_len : [B] int32 / int64 or an int.
+
+    Returns
+    -------
+    new_len : [B] int64 = prefix_len + accept_len. One launch on CUDA for one tensor or equally spaced views of
+    one buffer (the static cache's layout), one per tensor otherwise.
+
+    Example
+    -------
+    >>> cache = torch.arange(6.0).view(1, 1, 6, 1)  # [B, H, S, Dh]: slot s holds s
+    >>> kv_compact(cache, torch.tensor([[0, 2]]), 3).tolist(), cache.flatten().tolist()
+    ([5], [0.0, 1.0, 2.0, 3.0, 5.0, 5.0])
     """
     tensors = _cache_list(caches)
     for i, t in enumerate(tensors):

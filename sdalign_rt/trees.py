@@ -20,6 +20,17 @@ TREE_KINDS = ("chain", "static", "dynamic")
 
 @dataclass(frozen=True)
 class TreeSpec:
+    """The shape of the tree each step drafts: a chain, static rank paths, or a dynamic (EAGLE-2) expansion.
+
+    Example
+    -------
+    >>> tree = TreeSpec.static([(0,), (1,), (0, 0)])  # the top two tokens, then the top token after the first
+    >>> tree.parents(), tree.ranks(), tree.depth, tree.num_nodes
+    ([-1, 0, 0, 1], [-1, 0, 1, 0], 2, 4)
+    >>> TreeSpec.parse("chain:3").parents()
+    [-1, 0, 1, 2]
+    """
+
     kind: str
     depth: int
     top_k: int
