@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdalign_rt import cpu_linear
 from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.model_runner import ModelRunner
 from sdalign_rt.shallow import final_norm
@@ -41,7 +42,7 @@ class Draft:
     depths: torch.Tensor  # [B or 1, N]
     ranks: torch.Tensor  # [B or 1, N] rank among the parent's drafted children (0: the top token), -1 at the root
     drafter_offsets: torch.Tensor  # [B or 1, N] node's offset in the drafter's tree region, -1 if never run
-    node_hidden: torch.Tensor | None = None  # [B, N, D_draft] drafter states (feature mode)
+    node_states: torch.Tensor | None = None  # [B, N, D] what each run node's drafts were scored from (feature mode)
 
 
 @dataclass
@@ -51,14 +52,15 @@ class DrafterState:
     shared: bool  # reads and writes the verifier's cache
     previous: torch.Tensor | None = None  # [B] drafter id of the last accepted token (own cache only)
     previous_cached: torch.Tensor | None = None  # [B] bool: its K/V are already in the drafter's cache
+    context: torch.Tensor | None = None  # [B, D_verifier] the verifier's state before the root (context adapters)
 
 
 class Drafter:
     def __init__(self, draft, target, tree: TreeSpec, adapter: BottleneckAdapter | None = None,
-                 vocab_map: VocabMap | None = None, draft_layers: int | None = None, keep_hidden: bool = False):
+                 vocab_map: VocabMap | None = None, draft_layers: int | None = None, keep_states: bool = False):
         self.model, self.target, self.tree = draft, target, tree
         self.adapter, self.vocab_map, self.draft_layers = adapter, vocab_map, draft_layers
-        self.keep_hidden = keep_hidden
+        self.keep_states = keep_states
         # Self-speculative: the drafter's layers are the verifier's first k, so their K/V are the verifier's.
         # No drafter at all (plain decoding): nothing of its own either.
         self.shares_verifier_cache = draft is None or (draft is target and draft_layers is not None
@@ -108,15 +110,27 @@ class Drafter:
         mapped = tables["to_draft"][target_ids]
         return torch.where(mapped >= 0, mapped, tables["unknown"])
 
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Draft scores [..., V'] of drafter states [..., D] (V': the draft vocabulary; see `token_ids`)."""
-        tables = self._tables(hidden.device)
+    @property
+    def reads_context(self) -> bool:
+        """The adapter reads the verifier's state at the position before the one it drafts from."""
+        return self.adapter is not None and self.adapter.context_size is not None
+
+    def states(self, hidden: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """What the drafts are scored from: adapter(hidden[, context]) when aligned (in the verifier's hidden
+        space), the drafter's hidden state itself when plain. context [..., D_verifier]: the verifier's state
+        at the previous position (or the adapter's prediction of it, deeper in the tree)."""
+        if self.adapter is None:
+            return hidden
+        return self.adapter(hidden, context if self.reads_context else None)
+
+    def scores(self, states: torch.Tensor) -> torch.Tensor:
+        """Draft scores [..., V'] of `states` (V': the draft vocabulary; see `token_ids`)."""
+        tables = self._tables(states.device)
         if self.adapter is not None:
-            adapted = self.adapter(hidden).to(tables["head"].dtype)
-            return torch.nn.functional.linear(adapted, tables["head"], tables["head_bias"])
+            return cpu_linear.linear(states.to(tables["head"].dtype), tables["head"], tables["head_bias"])
         if self.draft_layers is not None:
-            hidden = final_norm(self.model)(hidden)
-        logits = self.model.get_output_embeddings()(hidden)
+            states = final_norm(self.model)(states)
+        logits = cpu_linear.project(self.model.get_output_embeddings(), states)
         if "unmapped" in tables:
             logits = logits.float() + tables["unmapped"]
         return logits
@@ -143,10 +157,10 @@ class Drafter:
         """This step's tree for roots [B] (verifier ids)."""
         if self.model is None:  # plain decoding: the root alone
             return Draft(root[:, None], plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets)
-        root_hidden = self._root_forward(state, root)
+        root_states = self.states(self._root_forward(state, root), state.context)
         if self.tree.is_static:
-            return self._draft_static(state, root, root_hidden, plan)
-        return self._draft_dynamic(state, root, root_hidden)
+            return self._draft_static(state, root, root_states, plan)
+        return self._draft_dynamic(state, root, root_states)
 
     def _root_forward(self, state: DrafterState, root: torch.Tensor) -> torch.Tensor:
         """The root (and, with its own cache, the previous accepted token) through the drafter: [B, D]."""
@@ -196,15 +210,16 @@ class Drafter:
         return runner.forward(runner.embed(self.draft_ids(tokens)), positions, slots.expand(tokens.shape),
                               cache.attention_bias(block, length))
 
-    def _draft_static(self, state, root, root_hidden, plan: TreePlan) -> Draft:
+    def _draft_static(self, state, root, root_states, plan: TreePlan) -> Draft:
         batch = root.shape[0]
         tokens = torch.empty(batch, plan.nodes, dtype=torch.long, device=root.device)
         tokens[:, 0] = root
-        node_hidden = None
-        if self.keep_hidden:
-            node_hidden = root_hidden.new_zeros(batch, plan.nodes, root_hidden.shape[-1])
-            node_hidden[:, 0] = root_hidden
-        level_scores = self.scores(root_hidden)[:, None]  # [B, w_{d-1}, V'] of the previous level's nodes
+        node_states = None
+        if self.keep_states:
+            node_states = root_states.new_zeros(batch, plan.nodes, root_states.shape[-1])
+            node_states[:, 0] = root_states
+        level_states = root_states[:, None]  # [B, w_{d-1}, D] of the previous level's nodes
+        level_scores = self.scores(level_states)
         for depth in range(1, plan.depth + 1):
             start, end = plan.levels[depth]
             top = level_scores.topk(plan.children_needed[depth], dim=-1).indices  # [B, w_{d-1}, k]
@@ -214,12 +229,14 @@ class Drafter:
                 break  # the last level's children are never drafted
             offsets = plan.drafter_offsets[:, start:end]
             hidden = self._level_forward(state, tokens[:, start:end], depth, offsets, plan.block[:, start:end, :end])
-            level_scores = self.scores(hidden)
-            if node_hidden is not None:
-                node_hidden[:, start:end] = hidden
-        return Draft(tokens, plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets, node_hidden)
+            # A node's context is its parent's predicted verifier state: the true one is not known yet.
+            level_states = self.states(hidden, level_states[:, plan.parent_in_level[depth]])
+            level_scores = self.scores(level_states)
+            if node_states is not None:
+                node_states[:, start:end] = level_states
+        return Draft(tokens, plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets, node_states)
 
-    def _draft_dynamic(self, state, root, root_hidden) -> Draft:
+    def _draft_dynamic(self, state, root, root_states) -> Draft:
         """EAGLE-2 with fixed widths: per level the top_k candidates of the newest level by cumulative draft
         log-prob run through the drafter and each proposes top_k children; select_dynamic_tree keeps the best
         total_tokens candidates as the tree."""
@@ -227,7 +244,8 @@ class Drafter:
         batch, device = root.shape[0], root.device
         region = 1 + (depth - 1) * k  # drafter tree-region offsets: the root, then k per forwarded level
         count = k + (depth - 1) * k * k  # candidates
-        logp, top = self.scores(root_hidden).float().log_softmax(-1).topk(k, dim=-1)
+        width = root_states.shape[-1]
+        logp, top = self.scores(root_states).float().log_softmax(-1).topk(k, dim=-1)
         cand_tokens = torch.zeros(batch, count, dtype=torch.long, device=device)
         cand_scores = torch.full((batch, count), float("-inf"), device=device)
         cand_parents = torch.full((batch, count), -1, dtype=torch.long, device=device)
@@ -236,11 +254,14 @@ class Drafter:
         # Which tree-region offsets each candidate sees: the root's and its forwarded ancestors'.
         cand_sees = torch.zeros(batch, count, region, dtype=torch.bool, device=device)
         cand_sees[:, :, 0] = True
+        # Each candidate's parent's states: its context, and (once it runs) what it is scored from.
+        cand_context = root_states.new_zeros(batch, count, width)
+        cand_states = root_states.new_zeros(batch, count, width) if self.keep_states else None
         tables = self._dynamic_tables(device)
         cand_tokens[:, :k] = self.token_ids(top)
         cand_scores[:, :k] = logp
         cand_ranks[:, :k] = tables["ranks"][None, :k]
-        cand_hidden = root_hidden.new_zeros(batch, count, root_hidden.shape[-1]) if self.keep_hidden else None
+        cand_context[:, :k] = root_states[:, None]
         level_start, level_end = 0, k
         for level in range(1, depth):
             chosen = level_start + cand_scores[:, level_start:level_end].topk(k, dim=-1).indices  # [B, k]
@@ -250,9 +271,10 @@ class Drafter:
             sees = sees | tables["own_offset"][level - 1][None]  # [B, k, region]: + itself
             hidden = self._level_forward(state, cand_tokens.gather(1, chosen), level, offsets,
                                          additive(sees, state.runner.cache.dtype))
-            if cand_hidden is not None:
-                cand_hidden.scatter_(1, chosen[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
-            child_logp, child_top = self.scores(hidden).float().log_softmax(-1).topk(k, dim=-1)  # [B, k, k]
+            states = self.states(hidden, cand_context.gather(1, chosen[..., None].expand(-1, -1, width)))
+            if cand_states is not None:
+                cand_states.scatter_(1, chosen[..., None].expand(-1, -1, width), states)
+            child_logp, child_top = self.scores(states).float().log_softmax(-1).topk(k, dim=-1)  # [B, k, k]
             new_start, new_end = level_end, level_end + k * k
             cand_tokens[:, new_start:new_end] = self.token_ids(child_top).reshape(batch, k * k)
             cand_scores[:, new_start:new_end] = (cand_scores.gather(1, chosen)[..., None] + child_logp).reshape(
@@ -260,6 +282,7 @@ class Drafter:
             cand_parents[:, new_start:new_end] = chosen[..., None].expand(-1, -1, k).reshape(batch, k * k)
             cand_ranks[:, new_start:new_end] = tables["ranks"][None, :k].repeat(1, k)
             cand_sees[:, new_start:new_end] = sees[:, :, None].expand(-1, -1, k, -1).reshape(batch, k * k, region)
+            cand_context[:, new_start:new_end] = states[:, :, None].expand(-1, -1, k, -1).reshape(batch, k * k, width)
             level_start, level_end = new_start, new_end
         parents, tokens, kept = select_dynamic_tree(cand_parents, cand_tokens, cand_scores, self.tree.total_tokens)
         tokens[:, 0] = root
@@ -267,12 +290,12 @@ class Drafter:
         root_column = torch.zeros(batch, 1, dtype=torch.long, device=device)
         drafter_offsets = torch.cat([root_column, cand_offsets.gather(1, kept)], dim=1)
         ranks = torch.cat([root_column - 1, cand_ranks.gather(1, kept)], dim=1)
-        node_hidden = None
-        if cand_hidden is not None:  # never-run candidates (leaves) keep zeros: they are nobody's parent
-            node_hidden = torch.cat([root_hidden[:, None], cand_hidden.gather(
-                1, kept[..., None].expand(-1, -1, cand_hidden.shape[-1]))], dim=1)
+        node_states = None
+        if cand_states is not None:  # never-run candidates (leaves) keep zeros: they are nobody's parent
+            node_states = torch.cat([root_states[:, None], cand_states.gather(1, kept[..., None].expand(-1, -1, width))],
+                                    dim=1)
         return Draft(tokens, parents, additive(visible, state.runner.cache.dtype), depths, ranks, drafter_offsets,
-                     node_hidden)
+                     node_states)
 
     def _dynamic_tables(self, device):
         key = ("dynamic", device)

@@ -18,6 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from sdalign_rt.cpu_linear import project
 from sdalign_rt.kv_cache import StaticKVCache
 
 
@@ -96,13 +97,15 @@ class LeanLlamaForward:
         attention = layer.self_attn
         x = layer.input_layernorm(hidden)
         # q [B, H, T, Dh]; k, v [B, H_kv, T, Dh]
-        q = attention.q_proj(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
-        k = attention.k_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attention.v_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = project(attention.q_proj, x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+        k = project(attention.k_proj, x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = project(attention.v_proj, x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self._apply_rope(q, k, cos, sin)
         keys, values = self.cache.layer(index)
         StaticKVCache.write(keys, values, k, v, slot_index)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attention.scaling,
                                              enable_gqa=self.heads != self.kv_heads)
-        hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + project(attention.o_proj, out.transpose(1, 2).reshape(batch, tokens, -1))
+        x = layer.post_attention_layernorm(hidden)
+        mlp = layer.mlp  # LlamaMLP's own formula, its projections through `project`
+        return hidden + project(mlp.down_proj, mlp.act_fn(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))

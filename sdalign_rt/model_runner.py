@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from sdalign_rt.cpu_linear import project
 from sdalign_rt.hf_forward import TransformersForward, check_mask_respected
 from sdalign_rt.kv_cache import StaticKVCache, additive
 from sdalign_rt.lean_llama import LeanLlamaForward, lean_unsupported
@@ -120,7 +121,7 @@ class ModelRunner:
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's LM head on these states only ([..., D] -> [..., V])."""
-        return self.model.get_output_embeddings()(hidden)
+        return project(self.model.get_output_embeddings(), hidden)
 
 
 def learned_position_limit(model) -> int | None:

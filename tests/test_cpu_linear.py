@@ -1,0 +1,47 @@
+"""cpu_linear: the same values as F.linear for every row count, dtype and layout; modules that are not plain
+nn.Linear (4-bit layers, hooked modules) run as themselves."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sdalign_rt import cpu_linear
+
+
+@settings(max_examples=40)
+@given(rows=st.integers(1, 7), lead=st.sampled_from([(), (1,), (2,)]), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_matches_f_linear(rows, lead, bias, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, rows, 48, generator=gen).to(dtype)
+    weight = torch.randn(40, 48, generator=gen).to(dtype)
+    b = torch.randn(40, generator=gen).to(dtype) if bias else None
+    expected = torch.nn.functional.linear(x, weight, b)
+    out = cpu_linear.linear(x, weight, b)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_rows_and_the_switch(monkeypatch):
+    x = torch.randn(8, 3).T  # [3, 8], a transposed view
+    weight = torch.randn(5, 8)
+    torch.testing.assert_close(cpu_linear.linear(x, weight), x @ weight.T)
+    monkeypatch.setenv("SDALIGN_RT_CPU_LINEAR", "module")
+    assert not cpu_linear.enabled()
+    torch.testing.assert_close(cpu_linear.linear(x, weight), x @ weight.T)
+
+
+def test_project_runs_other_modules_as_themselves():
+    calls = []
+    layer = torch.nn.Linear(8, 4)
+    layer.register_forward_hook(lambda module, args, out: calls.append("hook"))
+    x = torch.randn(1, 8)
+    torch.testing.assert_close(cpu_linear.project(layer, x), layer(x))
+    assert calls == ["hook", "hook"]  # the hooked module ran as a module both times
+
+    class Quantized(torch.nn.Linear):  # stands in for bitsandbytes' Linear4bit: a subclass with its own forward
+        def forward(self, x):
+            calls.append("own forward")
+            return super().forward(x)
+
+    cpu_linear.project(Quantized(8, 4), x)
+    assert calls[-1] == "own forward"
