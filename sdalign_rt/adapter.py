@@ -36,6 +36,8 @@ class BottleneckAdapter(nn.Module):
     out_size : the verifier's hidden size (default D: then y = x + up(gelu(down(x))), the identity at init).
     input_norm : a learned RMSNorm in front (shallow drafting: start it from the drafter's final norm).
     draft_vocab : [V'] int64 verifier token ids the drafts are scored over (EAGLE-3's reduced head), saved with it.
+    context_size : condition on the verifier's final state at the previous position too (EAGLE's feature
+        fusion): the bottleneck reads down(x) + context(c), c [..., context_size]; forward then needs `context`.
 
     Example
     -------
@@ -49,7 +51,7 @@ class BottleneckAdapter(nn.Module):
 
     def __init__(self, hidden_size: int, bottleneck: int = 256, out_size: int | None = None, *,
                  input_norm: bool = False, norm_eps: float = 1e-5, draft_vocab: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, device=None):
+                 context_size: int | None = None, dtype: torch.dtype | None = None, device=None):
         super().__init__()
         if hidden_size <= 0 or bottleneck <= 0:
             raise ValueError(f"hidden_size and bottleneck must be positive, got {hidden_size} and {bottleneck}")
@@ -64,6 +66,10 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
         self.norm_eps = norm_eps
         self.norm = nn.Parameter(torch.ones(hidden_size, **factory)) if input_norm else None
+        self.context = None
+        if context_size:
+            self.context = nn.Linear(context_size, bottleneck, bias=False, **factory)
+            nn.init.zeros_(self.context.weight)  # starts as the unconditioned adapter
         self.register_buffer("draft_vocab", None)
         if draft_vocab is not None:
             self.set_draft_vocab(draft_vocab)
@@ -103,26 +109,36 @@ class BottleneckAdapter(nn.Module):
     def residual(self) -> bool:
         return self.out_size == self.hidden_size
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    @property
+    def context_size(self) -> int | None:
+        return None if self.context is None else self.context.in_features
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., hidden_size] (and context [..., context_size] for a conditioned adapter) -> [..., out_size]."""
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"adapter expects hidden size {self.hidden_size}, got input of shape "
                              f"{tuple(hidden.shape)}")
+        if (context is None) != (self.context is None):
+            raise ValueError("this adapter is conditioned on the verifier's previous state: pass context "
+                             f"[..., {self.context_size}]" if context is None else
+                             "this adapter takes no context (it was built without context_size)")
         hidden = self.normalize_input(hidden)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            return self._forward_autograd(hidden)
-        if self.residual:
-            return ops.fused_adapter(hidden, self.down.weight, self.down.bias, self.up.weight, self.up.bias)
-        return self._forward_autograd(hidden)
+        if context is not None or not self.residual or (
+                torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            return self._forward_autograd(hidden, context)
+        return ops.fused_adapter(hidden, self.down.weight, self.down.bias, self.up.weight, self.up.bias)
 
-    def _forward_autograd(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _forward_autograd(self, hidden: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         compute = self.down.weight.dtype
-        h = reference.gelu_erf(self.down(hidden.to(compute)))
-        y = self.up(h)
+        pre = self.down(hidden.to(compute))
+        if context is not None:
+            pre = pre + self.context(context.to(compute))
+        y = self.up(reference.gelu_erf(pre))
         return (hidden.to(y.dtype) + y).to(hidden.dtype) if self.residual else y.to(hidden.dtype)
 
     def config(self) -> dict:
         return {"hidden_size": self.hidden_size, "bottleneck": self.bottleneck, "out_size": self.out_size,
-                "input_norm": self.input_norm, "norm_eps": self.norm_eps,
+                "input_norm": self.input_norm, "norm_eps": self.norm_eps, "context_size": self.context_size,
                 "draft_vocab_size": None if self.draft_vocab is None else int(self.draft_vocab.numel())}
 
     def save_pretrained(self, path: str) -> None:
@@ -147,6 +163,6 @@ class BottleneckAdapter(nn.Module):
         weights = load_file(weights_path)
         adapter = cls(config["hidden_size"], config["bottleneck"], config.get("out_size"),
                       input_norm=config.get("input_norm", False), norm_eps=config.get("norm_eps", 1e-5),
-                      draft_vocab=weights.get("draft_vocab"))
+                      draft_vocab=weights.get("draft_vocab"), context_size=config.get("context_size"))
         adapter.load_state_dict(weights)
         return adapter.to(device=device, dtype=dtype)

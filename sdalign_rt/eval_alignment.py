@@ -48,7 +48,12 @@ def evaluate_alignment(adapter, rows: dict, lm_head, *, gamma: int = 4, cost_rat
     draft = rows["draft_hidden"].float()
     target = rows["target_hidden"].float()
     tokens = rows["next_token"].long()
-    adapted = copy.deepcopy(adapter).float().eval()(draft)  # in fp32, leaving the caller's adapter as it was
+    # In fp32, leaving the caller's adapter as it was; a context-conditioned adapter reads the true previous
+    # verifier state here (teacher forcing: at depth 1 of a draft tree it does so too, deeper it reads its own).
+    context = rows.get("context_hidden") if adapter.context_size else None
+    if adapter.context_size and context is None:
+        raise ValueError("this adapter reads the verifier's previous state: the rows need context_hidden")
+    adapted = copy.deepcopy(adapter).float().eval()(draft, None if context is None else context.float())
     sims = torch.nn.functional.cosine_similarity(adapted, target, dim=-1)
     head_weight = (lm_head.weight if isinstance(lm_head, torch.nn.Module) else lm_head).detach().float()
     bias = getattr(lm_head, "bias", None)

@@ -1,6 +1,8 @@
 """Train a BottleneckAdapter on extracted rows: drafter state → verifier state.
 
-Loss = mse_weight * MSE + cos_weight * (1 - cosine) + ce_weight * cross-entropy of the verifier's LM head on
+With context=True the adapter also reads the verifier's final state at the previous position (the rows'
+context_hidden; EAGLE's feature fusion). Loss = mse_weight * MSE + cos_weight * (1 - cosine) + ce_weight *
+cross-entropy of the verifier's LM head on
 the adapted state against the verifier's next token (the head is frozen and optional). With draft_vocab = N the
 adapter gets a reduced draft vocabulary: the N most frequent next tokens of the training rows, and the
 cross-entropy is taken over those rows of the head (rows whose token is outside it only count in MSE / cosine). A seeded split holds
@@ -38,12 +40,14 @@ class TrainConfig:
     ce_weight: float = 0.0
     input_norm: bool = False  # RMS-normalise the input first (raw layer-k states of a shallow drafter)
     draft_vocab: int = 0  # > 0: draft over the N most frequent next tokens only (EAGLE-3's reduced head)
+    context: bool = False  # condition on the verifier's previous final state (EAGLE-style feature fusion)
     seed: int = 0
 
 
-def adapter_loss(adapter, draft_hidden, target_hidden, next_token, config: TrainConfig, head_weight=None):
+def adapter_loss(adapter, draft_hidden, target_hidden, next_token, config: TrainConfig, head_weight=None,
+                 context=None):
     """next_token holds indices into head_weight's rows (-100: not in the draft vocabulary, no CE term)."""
-    predicted = adapter(draft_hidden)
+    predicted = adapter(draft_hidden, context)
     loss = config.mse_weight * F.mse_loss(predicted, target_hidden)
     loss = loss + config.cos_weight * (1 - F.cosine_similarity(predicted, target_hidden, dim=-1)).mean()
     if config.ce_weight and head_weight is not None and bool((next_token >= 0).any()):
@@ -82,7 +86,8 @@ def held_out_rows(rows: dict, val_fraction: float, seed: int) -> dict:
 
 def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, lm_head=None,
                   progress: bool = True, norm_init: torch.Tensor | None = None) -> tuple[BottleneckAdapter, dict]:
-    """rows: {"draft_hidden" [N, Dd], "target_hidden" [N, Dv], "next_token" [N]} (see extract.load_pairs).
+    """rows: {"draft_hidden" [N, Dd], "target_hidden" [N, Dv], "next_token" [N], and "context_hidden" [N, Dv] for
+    config.context} (see extract.load_pairs).
     lm_head: the verifier's LM head (a module or its weight), needed for ce_weight and draft_vocab.
     norm_init: the input norm's starting scale (the drafter's final norm weight); ones by default."""
     draft = rows["draft_hidden"].float()
@@ -92,12 +97,18 @@ def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, l
         raise ValueError(f"row counts differ: {len(draft)} drafter, {len(target)} verifier, {len(tokens)} tokens")
     if not (torch.isfinite(draft).all() and torch.isfinite(target).all()):
         raise ValueError("the extracted hidden states contain non-finite values")
+    context = None
+    if config.context:
+        if rows.get("context_hidden") is None:
+            raise ValueError("context=True needs the rows' context_hidden (extract again with this version)")
+        context = rows["context_hidden"].float()
     if (config.ce_weight or config.draft_vocab) and lm_head is None:
         raise ValueError("ce_weight > 0 and draft_vocab > 0 need the verifier's LM head (lm_head)")
     train_idx, val_idx = split_rows(len(tokens), config.val_fraction, config.seed)
     torch.manual_seed(config.seed)
     out_size = target.shape[1]
-    adapter = BottleneckAdapter(draft.shape[1], config.bottleneck, out_size=out_size, input_norm=config.input_norm)
+    adapter = BottleneckAdapter(draft.shape[1], config.bottleneck, out_size=out_size, input_norm=config.input_norm,
+                                context_size=out_size if config.context else None)
     if norm_init is not None and config.input_norm:
         with torch.no_grad():
             adapter.norm.copy_(norm_init.float())
@@ -127,7 +138,8 @@ def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, l
     def evaluate() -> float:
         adapter.eval()
         with torch.no_grad():
-            return float(adapter_loss(adapter, draft[val_idx], target[val_idx], tokens[val_idx], config, head_weight))
+            return float(adapter_loss(adapter, draft[val_idx], target[val_idx], tokens[val_idx], config, head_weight,
+                                      None if context is None else context[val_idx]))
 
     if state["epoch"] == 0:
         state["initial_val"] = evaluate()
@@ -140,7 +152,8 @@ def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, l
         total = 0.0
         for start in range(0, len(order), config.batch_size):
             batch = order[start: start + config.batch_size]
-            loss = adapter_loss(adapter, draft[batch], target[batch], tokens[batch], config, head_weight)
+            loss = adapter_loss(adapter, draft[batch], target[batch], tokens[batch], config, head_weight,
+                                None if context is None else context[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
