@@ -5,6 +5,8 @@ in its own prompt (and with its own media), and for every continuation token j t
   draft_hidden[j]:  the drafter's state at the token before j (its last hidden state, or layer k's raw
                     output with draft_layers=k),
   target_hidden[j]: the verifier's final (post-norm) state at the same point,
+  context_hidden[j]: the verifier's final state one position earlier (zeros before the first token): what a
+                    context-conditioned adapter reads beside the drafter's state (EAGLE's feature fusion),
   next_token[j]:    token j itself, in the verifier's ids,
 so position t predicts token t + 1 on both sides: no free-running second generation, no off-by-one.
 
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from sdalign_rt.shallow import check_draft_layers
 
 MANIFEST = "manifest.json"
+ROW_KEYS = ("draft_hidden", "target_hidden", "context_hidden", "next_token")
 
 
 @dataclass
@@ -72,8 +75,7 @@ class ShardWriter:
         from safetensors.torch import save_file
 
         name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
-        tensors = {key: torch.cat([p[key] for p in self.pending]).contiguous()
-                   for key in ("draft_hidden", "target_hidden", "next_token")}
+        tensors = {key: torch.cat([p[key] for p in self.pending]).contiguous() for key in ROW_KEYS}
         save_file(tensors, os.path.join(self.out_dir, name))
         self.manifest["shards"].append({"file": name, "rows": int(tensors["next_token"].shape[0]),
                                         "samples": [p["id"] for p in self.pending],
@@ -161,7 +163,11 @@ def extract_pairs(drafter, verifier, samples: Iterable[ExtractSample], out_dir: 
             writer.manifest["done"].append(sample.id)
             continue
         target = verifier(input_ids=full, output_hidden_states=True, use_cache=False, **sample.target_inputs)
-        target_hidden = target.hidden_states[-1][0, prompt.shape[1] - 1: prompt.shape[1] - 1 + n]
+        final = target.hidden_states[-1][0]
+        target_hidden = final[prompt.shape[1] - 1: prompt.shape[1] - 1 + n]
+        # One position earlier; a one-token prompt has nothing before its first state.
+        shifted = torch.cat([final.new_zeros(1, final.shape[-1]), final])
+        context_hidden = shifted[prompt.shape[1] - 1: prompt.shape[1] - 1 + n]
         draft_prompt = sample.draft_input_ids if sample.draft_input_ids is not None else prompt
         draft_continuation = vocab_map.draft_ids(continuation) if vocab_map is not None else continuation
         draft_full = torch.cat([draft_prompt, draft_continuation.to(draft_prompt.device)], dim=1)
@@ -173,14 +179,16 @@ def extract_pairs(drafter, verifier, samples: Iterable[ExtractSample], out_dir: 
         start = draft_prompt.shape[1] - 1
         writer.add(sample.id, {"draft_hidden": draft_hidden[0, start: start + n].to("cpu", dtype),
                                "target_hidden": target_hidden.to("cpu", dtype),
+                               "context_hidden": context_hidden.to("cpu", dtype),
                                "next_token": continuation[0].to("cpu", torch.long)})
     writer.flush()
     return writer.manifest
 
 
 def load_pairs(out_dir: str) -> dict:
-    """All extracted rows of out_dir: {"draft_hidden", "target_hidden", "next_token", "sample" (the row's sample
-    number, in extraction order; rows of a sample are consecutive continuation positions), "meta"}."""
+    """All extracted rows of out_dir: {"draft_hidden", "target_hidden", "context_hidden" (extractions made before it
+    existed lack it), "next_token", "sample" (the row's sample number, in extraction order; rows of a sample are
+    consecutive continuation positions), "meta"}."""
     from safetensors.torch import load_file
 
     path = os.path.join(out_dir, MANIFEST)
@@ -191,7 +199,90 @@ def load_pairs(out_dir: str) -> dict:
     parts = [load_file(os.path.join(out_dir, shard["file"])) for shard in manifest["shards"]]
     if not parts:
         raise ValueError(f"{out_dir!r} holds no extracted rows")
-    rows = {key: torch.cat([p[key] for p in parts]) for key in ("draft_hidden", "target_hidden", "next_token")}
+    rows = {key: torch.cat([p[key] for p in parts]) for key in ROW_KEYS if all(key in p for p in parts)}
     counts = [n for shard in manifest["shards"] for n in shard["sample_rows"]]
     sample = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
     return {**rows, "sample": sample, "meta": manifest["meta"]}
+
+
+@torch.no_grad()
+def extract_self_pairs(model, samples: list, out_dir: str, *, draft_layers: int, max_new_tokens: int = 64,
+                       batch_size: int = 32, shard_rows: int = 4096, dtype: torch.dtype = torch.float16,
+                       progress: bool = True) -> dict:
+    """extract_pairs for a self-speculative pair (the model drafts from its own first draft_layers layers), in
+    one pass: the model greedily decodes each batch of text prompts through the runtime's own runner, and the
+    states every step computes anyway are the rows (layer k's output, the final state, the one before, the
+    token the final state predicts). No second forward over the text, no continuation cache; a row's
+    continuation ends at its first EOS. Batches are the resume unit."""
+    from sdalign_rt.shallow import decoder_layers, final_norm
+
+    check_draft_layers(model, draft_layers)
+    width = model.get_output_embeddings().weight.shape[1]
+    meta = {"draft_hidden_size": width, "target_hidden_size": width, "draft_layers": draft_layers,
+            "max_new_tokens": max_new_tokens, "dtype": str(dtype).replace("torch.", ""), "one_pass": True}
+    writer = ShardWriter(out_dir, shard_rows, meta)
+    todo = [s for s in samples if s.id not in writer.done]
+    for sample in todo:
+        if sample.target_inputs or sample.draft_inputs or sample.draft_input_ids is not None:
+            raise ValueError(f"sample {sample.id!r}: one-pass extraction takes text prompts of one model only")
+    eos = _eos_ids(model)
+    captured = {}
+    # Layer k's output is what the next layer's input norm (or, for k = all, the final norm) reads.
+    layers = decoder_layers(model)
+    tap = layers[draft_layers].input_layernorm if draft_layers < len(layers) else final_norm(model)
+    handle = tap.register_forward_pre_hook(lambda module, args: captured.__setitem__("layer", args[0]))
+    try:
+        for start in tqdm(range(0, len(todo), batch_size), desc="distil", unit="batch", disable=not progress):
+            chunk = todo[start: start + batch_size]
+            for sample, rows in zip(chunk, _distil_batch(model, chunk, max_new_tokens, eos, captured)):
+                writer.add(sample.id, {key: value.to("cpu", dtype) if value.is_floating_point() else value.cpu()
+                                       for key, value in rows.items()})
+    finally:
+        handle.remove()
+    writer.flush()
+    return writer.manifest
+
+
+def _distil_batch(model, chunk, max_new_tokens: int, eos: set, captured: dict):
+    """Decode one left-padded batch greedily; per sample {draft_hidden, target_hidden, context_hidden, next_token}."""
+    from sdalign_rt.kv_cache import additive
+    from sdalign_rt.model_runner import ModelRunner, new_cache
+
+    lengths = [s.input_ids.shape[1] for s in chunk]
+    width, device = max(lengths), chunk[0].input_ids.device
+    pad = min(eos) if eos else 0
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, sample in enumerate(chunk):
+        ids[row, width - lengths[row]:] = sample.input_ids[0]
+        mask[row, width - lengths[row]:] = 1
+    runner = ModelRunner(model, new_cache(model, len(chunk), width + max_new_tokens + 2))
+    cache = runner.cache
+    final = runner.prefill(ids, mask, last_only=False)  # [B, P, D]
+    layer = captured["layer"]
+    previous = torch.cat([final.new_zeros(len(chunk), 1, final.shape[-1]), final], dim=1)[:, -2]
+    for row, n in enumerate(lengths):  # a one-token prompt has nothing before its last state
+        if n == 1:
+            previous[row] = 0
+    state, layer = final[:, -1], layer[:, -1]
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+    rows = {key: [] for key in ROW_KEYS}
+    alive = torch.ones(len(chunk), dtype=torch.bool, device=device)
+    alive_steps = []
+    own = additive(torch.ones(1, 1, 1, dtype=torch.bool, device=device), cache.dtype)
+    for _ in range(max_new_tokens):
+        token = runner.logits(state).argmax(-1)
+        for key, value in zip(ROW_KEYS, (layer, state, previous, token)):
+            rows[key].append(value)
+        alive_steps.append(alive.clone())
+        alive = alive & ~torch.isin(token, eos_ids)  # a row's rows end with its first EOS
+        if not bool(alive.any()):
+            break
+        hidden = runner.forward(runner.embed(token[:, None]), cache.next_positions()[:, None],
+                                cache.lengths[:, None], cache.attention_bias(own, cache.lengths))
+        cache.lengths += 1
+        cache.refresh_bias()
+        previous, state, layer = state, hidden[:, -1], captured["layer"][:, -1]
+    steps = torch.stack(alive_steps, 1)  # [B, steps]: the rows each sample keeps (through its first EOS)
+    stacked = {key: torch.stack(values, 1) for key, values in rows.items()}
+    return [{key: value[row][steps[row]] for key, value in stacked.items()} for row in range(len(chunk))]

@@ -94,3 +94,29 @@ def test_batched_generation_keeps_rows_prefix_conditioned(tmp_path):
     given = ExtractSample(id="given", input_ids=todo[0].input_ids, continuation=torch.tensor([[7, 8]]))
     extract_pairs(TARGET, TARGET, [given], str(tmp_path / "g"), batch_size=4, progress=False)
     assert load_pairs(str(tmp_path / "g"))["next_token"].tolist() == [7, 8]
+
+
+def test_one_pass_self_extraction_matches_the_two_pass_one(tmp_path):
+    """extract_self_pairs (greedy decode through the runtime, states kept as it goes) gives the rows extract_pairs
+    gives for a model drafting from its own first layer: same tokens, same states, the same contexts; an EOS ends
+    a sample's rows after it."""
+    from sdalign_rt.extract import extract_self_pairs
+
+    gen = torch.Generator().manual_seed(3)
+    items = [ExtractSample(id=f"s{i}", input_ids=torch.randint(1, VOCAB, (1, n), generator=gen))
+             for i, n in enumerate((1, 4, 6))]
+    extract_pairs(TARGET, TARGET, items, str(tmp_path / "two"), max_new_tokens=7, draft_layers=1,
+                  dtype=torch.float32, progress=False)
+    extract_self_pairs(TARGET, items, str(tmp_path / "one"), draft_layers=1, max_new_tokens=7, batch_size=2,
+                       dtype=torch.float32, progress=False)
+    two, one = load_pairs(str(tmp_path / "two")), load_pairs(str(tmp_path / "one"))
+    assert torch.equal(one["next_token"], two["next_token"]) and torch.equal(one["sample"], two["sample"])
+    for key in ("draft_hidden", "target_hidden", "context_hidden"):
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-4)
+    first = two["next_token"][two["sample"] == 0].tolist()
+    cut = next(i for i in range(1, len(first)) if first[i] not in first[:i])  # a token s0 emits for the first time
+    eos_model = copy.deepcopy(TARGET)
+    eos_model.generation_config.eos_token_id = first[cut]
+    extract_self_pairs(eos_model, items[:1], str(tmp_path / "eos"), draft_layers=1, max_new_tokens=7,
+                       dtype=torch.float32, progress=False)
+    assert load_pairs(str(tmp_path / "eos"))["next_token"].tolist() == first[:cut + 1]
