@@ -115,7 +115,7 @@ class SpeculativeDecoder:
         if draft is not None:
             uses_lean_forward(draft, lean, "the drafter")
         self.drafter = Drafter(draft, target, tree, adapter=adapter, vocab_map=vocab_map, draft_layers=draft_layers,
-                               keep_hidden=self.mode is Mode.FEATURE)
+                               keep_states=self.mode is Mode.FEATURE)
         config = getattr(target, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
         self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
@@ -180,7 +180,8 @@ class SpeculativeDecoder:
         GenerateOutput. greedy: `sequences` equals target.generate(do_sample=False) token for token (EOS and
         max_new_tokens handled alike, finished rows padded with pad_token_id). `stats`: steps, row_steps (steps
         summed over live rows), drafted, accepted, mean_accepted (tau: tokens per row-step, bonus included),
-        acceptance_rate (alpha: accepted drafts / tree depth), per_position_acceptance, feature_mismatches,
+        acceptance_rate (alpha: accepted drafts / tree depth), per_position_acceptance, accepted_by_depth_rank
+        (per depth, accepted drafts counted by their rank among the drafter's candidates), feature_mismatches,
         forward_path ("lean" / "transformers"), timings {draft_s, verify_forward_s, bookkeeping_s, total_s}
         and bookkeeping_share_of_verify. Host clocks: exact on CPU; on CUDA they see launches only.
 
@@ -218,6 +219,7 @@ class SpeculativeDecoder:
             logits = workspace.verifier.logits(last)
             drafter_state = self.drafter.begin(workspace.drafter, workspace.shared, draft_input_ids,
                                                draft_attention_mask, draft_inputs)
+            drafter_state.context = last  # the verifier's state at the last prompt token
             root = sampling.first_token(logits)
             first = torch.cat([root[:, None], _nonfinite(logits[:, None])[:, None]], dim=1).tolist()  # prefill sync
             _raise_if_nonfinite([row[1] for row in first], "the prefill")
@@ -279,22 +281,16 @@ class SpeculativeDecoder:
             path = accept_nodes[:, 1:]
             differs = tokens.gather(1, path.clamp(min=0)) != argmax.gather(1, accept_nodes[:, :-1].clamp(min=0))
             mismatches = (differs & (path >= 0)).sum(-1)
-        return _Outcome(accept_nodes, accept_len, bonus, mismatches, _nonfinite(logits)), forward_s
+        last = accept_nodes.gather(1, (accept_len - 1)[:, None])
+        # The verifier's state at the last accepted node: the next root's context (context-reading adapters).
+        context = hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))[:, 0]
+        return _Outcome(accept_nodes, accept_len, bonus, mismatches, _nonfinite(logits), context), forward_s
 
     def _verify_features(self, draft: Draft, parents, target_hidden, target_argmax):
-        """Relaxed acceptance: node i passes when its parent's adapted drafter state is within the cosine
-        threshold of the verifier's state there (the two states that predict token i) and it is the drafter's
-        top-ranked child of that parent. The rank condition matters for trees: closeness at the parent says
-        nothing about the parent's second or third child, which a deeper branch would otherwise promote."""
-        adapter = self.adapter
-        if adapter is not None and adapter.residual:
-            normed = adapter.normalize_input(draft.node_hidden)
-            _, _, close, _ = ops.adapter_cosine_accept(
-                normed, target_hidden.to(normed.dtype), adapter.down.weight, adapter.down.bias, adapter.up.weight,
-                adapter.up.bias, self.feature_threshold, "relaxed")
-        else:
-            adapted = adapter(draft.node_hidden) if adapter is not None else draft.node_hidden
-            _, close, _ = ops.cosine_accept(adapted, target_hidden.to(adapted.dtype), self.feature_threshold, "relaxed")
+        """Relaxed acceptance (see feature_path): the cosine of each node's drafting state (adapted when aligned,
+        kept from drafting: the adapter never runs twice) with the verifier's state at that node."""
+        states = draft.node_states
+        _, close, _ = ops.cosine_accept(states, target_hidden.to(states.dtype), self.feature_threshold, "relaxed")
         accept_nodes, accept_len = feature_path(close, parents, draft.ranks, self.tree.depth)
         last = accept_nodes.gather(1, (accept_len - 1)[:, None])
         return accept_nodes, accept_len, target_argmax.gather(1, last)[:, 0]
@@ -302,17 +298,21 @@ class SpeculativeDecoder:
     def _accept(self, workspace: "_Workspace", drafter_state: DrafterState, draft: Draft, outcome: "_Outcome",
                 live: torch.Tensor):
         """Keep the accepted slots in both caches and advance the lengths (finished rows stay put). Returns
-        (the step's read-back tensor [B, 3 + depth + 2], the next roots [B])."""
+        (the step's read-back tensor [B, 3 + 2 * (depth + 1) + 1], the next roots [B])."""
         cache = workspace.verifier.cache
         grow = outcome.accept_len * live
         cache.compact(outcome.accept_nodes, cache.lengths)
         if not workspace.shared:
             self.drafter.accept(drafter_state, draft, outcome.accept_nodes, outcome.accept_len, grow)
+        drafter_state.context = outcome.context
         cache.lengths += grow
         cache.refresh_bias()
-        path_tokens = draft.tokens.gather(1, outcome.accept_nodes.clamp(min=0))
+        path = outcome.accept_nodes.clamp(min=0)
+        path_tokens = draft.tokens.gather(1, path)
+        path_ranks = draft.ranks.expand(draft.tokens.shape).gather(1, path)  # for acceptance by (depth, rank)
         readback = torch.cat([outcome.accept_len[:, None], outcome.mismatches[:, None],
-                              outcome.nonfinite[:, None].long(), path_tokens, outcome.bonus[:, None]], dim=1)
+                              outcome.nonfinite[:, None].long(), path_tokens, path_ranks, outcome.bonus[:, None]],
+                             dim=1)
         return readback, outcome.bonus
 
     def _node_offsets(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -348,15 +348,16 @@ class SpeculativeDecoder:
         return (input_ids != pad).long()
 
     def _emit_step(self, host: list, generated: list, finished: list, stats: "_Stats", max_new_tokens: int):
-        """Per row, from [accept_len, mismatches, nonfinite, path tokens..., bonus]: the tokens emitted this
-        step (accepted drafts + bonus, cut at EOS / max_new_tokens; none for finished rows)."""
+        """Per row, from [accept_len, mismatches, nonfinite, path tokens, path ranks, bonus]: the tokens emitted
+        this step (accepted drafts + bonus, cut at EOS / max_new_tokens; none for finished rows)."""
         emitted = []
+        width = self.tree.depth + 1
         for b, row in enumerate(host):
-            length, differ, path, bonus = row[0], row[1], row[3:-1], row[-1]
+            length, differ, path, ranks, bonus = row[0], row[1], row[3:3 + width], row[3 + width:-1], row[-1]
             if finished[b]:
                 emitted.append([])
                 continue
-            stats.record(length - 1, differ)
+            stats.record(length - 1, differ, ranks[1:length])
             emitted.append(self._emit(generated[b], path[1:length] + [bonus], max_new_tokens))
             finished[b] = self._ends(generated[b], max_new_tokens)
         return emitted
@@ -443,6 +444,7 @@ class _Outcome:
     bonus: torch.Tensor  # [B] the verifier's token after the accepted path
     mismatches: torch.Tensor  # [B] feature mode: accepted drafts that differ from the verifier's argmax
     nonfinite: torch.Tensor  # [B] bool: a node's logits hold nan / inf
+    context: torch.Tensor  # [B, D] the verifier's final state at the last accepted node
 
 
 class _Sampling:
@@ -526,14 +528,17 @@ class _Stats:
         self.row_steps = 0
         self.accepted = 0
         self.per_position = [0] * depth
+        self.by_depth_rank = [{} for _ in range(depth)]  # accepted drafts per depth, counted by sibling rank
         self.feature_mismatches = 0
 
-    def record(self, accepted_drafts: int, differ: int = 0):
+    def record(self, accepted_drafts: int, differ: int = 0, ranks: list | None = None):
         self.row_steps += 1
         self.accepted += accepted_drafts
         self.feature_mismatches += differ
         for i in range(accepted_drafts):
             self.per_position[i] += 1
+        for depth, rank in enumerate(ranks or []):
+            self.by_depth_rank[depth][rank] = self.by_depth_rank[depth].get(rank, 0) + 1
 
     def summary(self, timings: dict, tree: TreeSpec) -> dict:
         rows = max(self.row_steps, 1)
@@ -545,6 +550,8 @@ class _Stats:
             "mean_accepted": (self.accepted + self.row_steps) / rows,  # tau: tokens per step, bonus included
             "acceptance_rate": self.accepted / (rows * max(self.depth, 1)),  # alpha per draft depth on the path
             "per_position_acceptance": [c / rows for c in self.per_position],
+            # accepted drafts at depth d + 1 by their rank among the drafter's candidates (0: its top token)
+            "accepted_by_depth_rank": [{str(r): c for r, c in sorted(d.items())} for d in self.by_depth_rank],
             # feature mode: accepted drafts that differ from the verifier's own argmax (the price of relaxing)
             "feature_mismatches": self.feature_mismatches,
             "timings": timings,

@@ -47,6 +47,8 @@ class StaticKVCache:
                                                 device=device))
                 first = layer
             self._where.append((len(self.buffers) - 1, layer - first))
+        # Each layer's (keys, values): [B, H, capacity, Dh] views of its buffer, made once.
+        self._views = [(self.buffers[b][i, 0], self.buffers[b][i, 1]) for b, i in self._where]
         self.device = devices[0]  # where the bookkeeping lives: the embeddings' side
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.starts = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -63,8 +65,7 @@ class StaticKVCache:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of one layer: [B, H, capacity, Dh] views of its buffer."""
-        buffer, i = self._where[index]
-        return self.buffers[buffer][i, 0], self.buffers[buffer][i, 1]
+        return self._views[index]
 
     def layer_device(self, index: int) -> torch.device:
         return self.buffers[self._where[index][0]].device
@@ -74,8 +75,10 @@ class StaticKVCache:
               slot_index: torch.Tensor) -> None:
         """keys[b, :, slot[b, t]] = new_keys[b, :, t] (same for values); slot_index is the slots [B, T]
         expanded to [B, H, T, Dh] (built once per forward and device)."""
-        keys.scatter_(2, slot_index, new_keys.to(keys.dtype))
-        values.scatter_(2, slot_index, new_values.to(values.dtype))
+        if new_keys.dtype != keys.dtype:
+            new_keys, new_values = new_keys.to(keys.dtype), new_values.to(values.dtype)
+        keys.scatter_(2, slot_index, new_keys)
+        values.scatter_(2, slot_index, new_values)
 
     def next_positions(self) -> torch.Tensor:
         """[B] the position of each row's next token (its committed tokens, left padding not counted)."""
