@@ -159,6 +159,42 @@ def _extract(args) -> int:
     return 0
 
 
+def _plan_tree(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sdalign_rt as sd
+    from sdalign_rt.tree_planner import plan_tree
+
+    for name, path in (("--target", args.target), ("--draft", args.draft), ("--adapter", args.adapter)):
+        if path is not None and not os.path.isdir(path):
+            raise SystemExit(f"sdalign-rt plan-tree: {name} {path!r} is not a directory")
+    dtype = getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(args.device).eval()
+    draft = target if args.draft in (None, args.target) else \
+        AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).to(args.device).eval()
+    adapter = (sd.BottleneckAdapter.from_pretrained(args.adapter, dtype=dtype, device=args.device)
+               if args.adapter else None)
+    prompts = []
+    for prompt in _read_prompts(args.prompts):
+        if args.chat_template:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   tokenize=False)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat_template).input_ids
+        prompts.append(ids.to(args.device))
+    planned, report = plan_tree(target, draft, prompts, adapter=adapter, draft_layers=args.draft_layers,
+                                max_nodes=args.max_nodes, max_depth=args.max_depth, ranks=args.ranks,
+                                new_tokens=args.new_tokens)
+    print(json.dumps({"tree": report["plan"]["tree"], "expected_tokens": planned.expected_tokens,
+                      "predicted_tokens_per_s": planned.predicted_tokens_per_s,
+                      "measured_tokens_per_s": report["measured_tokens_per_s"]}, indent=2))
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.json} (use it as --tree static:{args.json})")
+    return 0
+
+
 def _train_adapter(args) -> int:
     from sdalign_rt.extract import load_pairs
     from sdalign_rt.train_adapter import TrainConfig, train_adapter
@@ -348,6 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             train.add_argument(flag, type=type(spec.default), default=spec.default)
     train.set_defaults(run=_train_adapter)
+
+    plan = commands.add_parser("plan-tree", help="the static tree with the most tokens/s for this pair on this device: "
+                               "acceptance by (depth, rank) calibrated on prompts, step costs timed (JSON)")
+    plan.add_argument("--target", required=True, help="verifier checkpoint directory")
+    plan.add_argument("--draft", default=None, help="drafter checkpoint directory (default: the verifier itself)")
+    plan.add_argument("--adapter", default=None, help="BottleneckAdapter directory (aligned drafting)")
+    plan.add_argument("--draft-layers", type=int, default=None)
+    plan.add_argument("--prompts", required=True, help="calibration prompts (JSON list or one per line); not the "
+                      "prompts you evaluate on")
+    plan.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    plan.add_argument("--max-nodes", type=int, default=16, help="largest tree, root included")
+    plan.add_argument("--max-depth", type=int, default=6)
+    plan.add_argument("--ranks", type=int, default=4, help="candidates per depth the calibration tree tries")
+    plan.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per calibration prompt")
+    plan.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    plan.add_argument("--device", default="cpu")
+    plan.add_argument("--json", default="tree_plan.json")
+    plan.set_defaults(run=_plan_tree)
 
     evaluate = commands.add_parser("eval-alignment", help="cosine, top-k agreement, acceptance by threshold and "
                                    "the projected speedup of an adapter on held-out rows (JSON + PNG)")

@@ -85,9 +85,19 @@ class TreeSpec:
         return cls("dynamic", depth, top_k, total_tokens)
 
     @classmethod
+    def plan(cls, target, draft, prompts: list, **kwargs) -> "TreeSpec":
+        """The static tree with the most measured tokens/s for this pair on this device and dtype: acceptance
+        by (depth, rank) calibrated on `prompts` ([1, P] ids; not the evaluation prompts) and the step's costs
+        timed on the real runners (sdalign_rt.tree_planner.plan_tree, whose keywords it takes)."""
+        from sdalign_rt.tree_planner import plan_tree
+
+        return plan_tree(target, draft, prompts, **kwargs)[0].tree
+
+    @classmethod
     def parse(cls, text: str) -> "TreeSpec":
         """From the command line: "chain:4", "dynamic:TOP_K,DEPTH,TOTAL", or "static:" + a JSON list of rank
-        paths ("static:[[0],[1],[0,0]]") or of a JSON file holding one ("static:tree.json")."""
+        paths ("static:[[0],[1],[0,0]]") or a JSON file holding one, or a plan written by `sdalign-rt
+        plan-tree` ("static:plan.json", its "choices")."""
         kind, _, arg = text.partition(":")
         try:
             if kind == "chain":
@@ -101,7 +111,10 @@ class TreeSpec:
 
                 if os.path.isfile(arg):
                     with open(arg) as f:
-                        return cls.static(json.load(f))
+                        loaded = json.load(f)
+                    if isinstance(loaded, dict):  # a plan-tree report
+                        loaded = loaded.get("plan", loaded).get("choices")
+                    return cls.static(loaded)
                 return cls.static(json.loads(arg))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"cannot read tree {text!r}: {exc}") from None
@@ -129,8 +142,8 @@ class TreeSpec:
         self._require_static("ranks")
         return [-1] + [path[-1] for path in self.choices]
 
-    def plan(self, batch: int, device=None) -> torch.Tensor:
-        """parents[B, N] int64 for a static tree, ready for sd.ops.build_tree (built once, reused)."""
+    def parents_tensor(self, batch: int, device=None) -> torch.Tensor:
+        """parents[B, N] int64 for a static tree, ready for sd.ops.build_tree."""
         return torch.tensor(self.parents(), dtype=torch.int64, device=device).expand(batch, -1).contiguous()
 
     def _require_static(self, what: str):

@@ -100,3 +100,16 @@ def test_eval_alignment_command(checkpoints, tmp_path, capsys):
     result = json.loads(report.read_text())
     assert result["rows"] == 16 and set(result["acceptance"]) == {"0.8", "0.85", "0.9", "0.95"}
     assert (tmp_path / "report.png").exists()
+
+
+def test_plan_tree_writes_a_plan_that_generate_reads(checkpoints, capsys):
+    prompts = checkpoints / "calibration.json"
+    prompts.write_text(json.dumps(["w5 w9 w11", "w40 w2 w7"]))
+    plan = checkpoints / "plan.json"
+    assert cli.main(["plan-tree", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
+                     "--prompts", str(prompts), "--max-nodes", "5", "--max-depth", "3", "--ranks", "2",
+                     "--new-tokens", "8", "--json", str(plan)]) == 0
+    report = json.loads(plan.read_text())
+    assert report["plan"]["nodes"] <= 5 and report["measured_tokens_per_s"] > 0
+    assert cli.main(["generate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
+                     "--tree", f"static:{plan}", "--max-new-tokens", "6", "--prompt", "w5 w9"]) == 0

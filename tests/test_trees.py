@@ -28,7 +28,7 @@ def test_static_orders_parents_first_and_keeps_ranks():
 
 def test_static_plan_builds_the_masks_once(backend, device):
     spec = sd.TreeSpec.static(MEDUSA_LIKE)
-    parents = spec.plan(batch=3, device=device)
+    parents = spec.parents_tensor(batch=3, device=device)
     assert parents.shape == (3, 9)
     masks = sd.ops.build_tree(parents, 10)
     for i in range(9):  # node i attends exactly to its rank path's prefixes
