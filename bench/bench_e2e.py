@@ -18,7 +18,7 @@ Measured (median, p10 / p90):
   decode_step     SpeculativeDecoder(draft_layers=k, chain) on the 7B model: per step draft / verify forward /
                   bookkeeping, and bookkeeping as a share of a verifier forward (target <= 3%).
 Projected (labelled as such): speedup for alpha in 0.3 / 0.5 / 0.7, and for the per-draft acceptance per k
-measured on the embedded default (--sweep, from `sdalign-rt sweep-depth`), from the measured costs:
+measured on the embedded default (--sweep, from `sdalign-rt compare-adapters`), from the measured costs:
   speedup(k, gamma) = E[tokens](a, gamma) * verify(1) / (verify(gamma + 1) + gamma * draft(k) + bookkeeping).
 CUDA graphs for the draft and verify steps are issue 5's GPU work and are not measured by this script yet.
 Writes bench/results/e2e_<device>.json and .png.
@@ -218,8 +218,12 @@ def projections(result: dict, sweep: dict | None, gammas=(1, 2, 3, 4, 5)) -> dic
         table["alpha"][str(a)] = {str(k): max((speedup(a, k, g), g) for g in gammas) for k in draft}
     if sweep:
         table["embedded_default_acceptance"] = {}
+        best_rows = {}  # each k's best measured acceptance over the compared variants
         for row in sweep["rows"]:
-            k, a = row["draft_layers"], row["token_acceptance"]
+            if row["token_acceptance"] > best_rows.get(row["draft_layers"], {"token_acceptance": -1})["token_acceptance"]:
+                best_rows[row["draft_layers"]] = row
+        for k, row in sorted(best_rows.items()):
+            a = row["token_acceptance"]
             if k in draft:
                 best = max((speedup(a, k, g), g) for g in gammas)
                 table["embedded_default_acceptance"][str(k)] = {"a": a, "speedup": best[0], "gamma": best[1]}
@@ -260,8 +264,8 @@ def main(argv=None) -> int:
                         "(default: 2 on CPU, off on CUDA)")
     parser.add_argument("--decode-layers", type=int, default=4, help="draft_layers of the decode-step split")
     parser.add_argument("--new-tokens", type=int, default=None)
-    parser.add_argument("--sweep", default=os.path.join(RESULTS, "sweep_depth_cpu.json"),
-                        help="sweep-depth JSON whose per-k acceptance feeds the projection")
+    parser.add_argument("--sweep", default=os.path.join(RESULTS, "adapters_cpu.json"),
+                        help="compare-adapters JSON whose per-k acceptance feeds the projection")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="toy widths (a test of this script, not a benchmark)")
     parser.add_argument("--out", default=None)

@@ -262,42 +262,51 @@ def _demo_config(args):
 def _demo(args) -> int:
     from sdalign_rt.demo.experiment import run_demo, write_demo
 
-    result = run_demo(_demo_config(args), cache_dir=args.cache_dir)
+    result = run_demo(_demo_config(args), cache_dir=args.cache_dir, sweep_features=not args.no_feature_sweep)
     for row in result["prompts"][:2]:
         print(f"### {row['prompt']}\n{row['text']}\n")
     keys = ("lossless", "speedup", "tokens_per_s_baseline", "tokens_per_s_spec", "acceptance_rate", "token_acceptance",
-            "mean_accepted", "per_position_acceptance", "adapter_cosine", "draft_layers", "tree", "draft_cost_ratio")
+            "mean_accepted", "per_position_acceptance", "adapter_cosine", "draft_layers", "tree", "draft_cost_ratio",
+            "bookkeeping_share_of_verify")
     print(json.dumps({key: result[key] for key in keys}, indent=2))
+    print(f"{'system':<18} {'tokens/s':>9} {'speedup':>8} {'identical':>9}")
+    for name, peer in result["peers"].items():
+        print(f"{name:<18} {peer['tokens_per_s']:>9.1f} {peer['speedup']:>7.2f}x {str(peer['identical']):>9}")
     write_demo(result, args.json)
     print(f"wrote {args.json} and {os.path.splitext(args.json)[0]}.png")
     return 0 if result["lossless"] else 1
 
 
-def _sweep_depth(args) -> int:
-    from sdalign_rt.demo.experiment import sweep_depth, write_sweep
+def _compare_adapters(args) -> int:
+    from sdalign_rt.demo.experiment import compare_adapters, write_comparison
 
-    depths = [int(k) for k in args.depths.split(",")]
-    result = sweep_depth(depths, _demo_config(args), cache_dir=args.cache_dir)
-    print(f"{'k':>3} {'lossless':>8} {'a':>6} {'alpha':>6} {'tau':>5} {'draft ms':>8} {'cost':>6} {'speedup':>7}")
+    result = compare_adapters(_demo_config(args), cache_dir=args.cache_dir, tree=args.compare_tree)
+    print(f"{'variant':<28} {'top-1':>6} {'a':>6} {'tau':>5} {'draft ms':>8} {'speedup':>7}")
     for row in result["rows"]:
-        print(f"{row['draft_layers']:>3} {str(row['lossless']):>8} {row['token_acceptance']:>6.3f} "
-              f"{row['acceptance_rate']:>6.3f} {row['mean_accepted']:>5.2f} {row['draft_token_ms']:>8.2f} "
-              f"{row['draft_cost_ratio']:>6.3f} {row['speedup']:>7.3f}")
-    print(f"best draft_layers: {result['best_draft_layers']}")
-    write_sweep(result, args.json)
+        print(f"{row['variant']:<28} {row['top1_agreement']:>6.3f} {row['token_acceptance']:>6.3f} "
+              f"{row['mean_accepted']:>5.2f} {row['draft_ms_per_step']:>8.2f} {row['speedup']:>7.3f}")
+    print(f"winner: {result['winner']}")
+    write_comparison(result, args.json)
     return 0
 
 
 def _add_demo_flags(command, defaults) -> None:
-    command.add_argument("--tree", default=None, help=f"draft tree (default {defaults.tree})")
+    command.add_argument("--tree", default=None, help=f"draft tree, or 'plan' to plan it from this machine's "
+                         f"measured costs (default {defaults.tree})")
     command.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                          help=f"model dtype (default {defaults.dtype})")
     command.add_argument("--max-new-tokens", type=int, default=None,
                          help=f"per evaluation prompt (default {defaults.max_new_tokens})")
     command.add_argument("--eval-prompts", type=int, default=None,
                          help=f"how many held-out prompts to run (default {defaults.eval_prompts})")
+    command.add_argument("--train-prompts", type=int, default=None,
+                         help=f"training prompts to distil (default {defaults.train_prompts}, 0: all)")
+    command.add_argument("--context", action=argparse.BooleanOptionalAction, default=None,
+                         help=f"adapter reads the verifier's previous state (default {defaults.context})")
+    command.add_argument("--rounds", type=int, default=None,
+                         help=f"interleaved repetitions (default {defaults.rounds})")
     command.add_argument("--epochs", type=int, default=None, help=f"adapter training epochs (default {defaults.epochs})")
-    command.add_argument("--cache-dir", default=None, help="where the checkpoint, continuations and adapters are "
+    command.add_argument("--cache-dir", default=None, help="where the checkpoint, distilled rows and adapters are "
                          "kept (default $SDALIGN_RT_CACHE or ~/.cache/sdalign_rt)")
 
 
@@ -420,19 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = DemoConfig()
     demo = commands.add_parser("demo", help="the embedded default: SmolLM2-135M drafting from its first k layers "
-                               "through a trained adapter, vs the verifier alone (trains the adapter once)")
+                               "through a trained adapter, against every peer (trains the adapter once)")
     demo.add_argument("--draft-layers", type=int, default=None,
-                      help=f"draft from the first K layers (default {defaults.draft_layers}, from sweep-depth)")
+                      help=f"draft from the first K layers (default {defaults.draft_layers}, from compare-adapters)")
     _add_demo_flags(demo, defaults)
+    demo.add_argument("--no-feature-sweep", action="store_true", help="skip feature mode's threshold sweep")
     demo.add_argument("--json", default="demo_result.json", help="result JSON (a PNG is written beside it)")
     demo.set_defaults(run=_demo)
 
-    sweep = commands.add_parser("sweep-depth", help="the embedded default for several draft depths k: acceptance, "
-                                "draft cost, measured speedup; picks the best k")
-    sweep.add_argument("--depths", default="2,4,6,8", help="comma-separated k values")
-    _add_demo_flags(sweep, defaults)
-    sweep.add_argument("--json", default="sweep_depth.json")
-    sweep.set_defaults(run=_sweep_depth)
+    compare = commands.add_parser("compare-adapters", help="the embedded default's drafting variants (context, data, "
+                                  "draft depth k): held-out top-1, in-loop acceptance, tau, speedup; names the winner")
+    _add_demo_flags(compare, defaults)
+    compare.add_argument("--compare-tree", default="chain:4", help="the one tree every variant decodes with")
+    compare.add_argument("--json", default="adapters.json")
+    compare.set_defaults(run=_compare_adapters)
     return parser
 
 

@@ -102,14 +102,10 @@ class PlannedTree:
     candidates: list = field(default_factory=list)  # (nodes, max_depth, expected, tokens/s) of every tree weighed
 
     def to_json(self) -> dict:
-        return {"tree": "static:" + _choices_json(self.tree), "choices": [list(p) for p in self.tree.choices],
+        return {"tree": str(self.tree), "choices": [list(p) for p in self.tree.choices],
                 "nodes": self.tree.num_nodes, "depth": self.tree.depth, "expected_tokens": self.expected_tokens,
                 "step_ms": 1e3 * self.step_s, "predicted_tokens_per_s": self.predicted_tokens_per_s,
                 "candidates": self.candidates}
-
-
-def _choices_json(tree: TreeSpec) -> str:
-    return "[" + ",".join("[" + ",".join(str(r) for r in p) + "]" for p in tree.choices) + "]"
 
 
 def top_paths(acceptance: Acceptance, count: int, max_depth: int) -> list:
@@ -229,7 +225,7 @@ def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int |
     totals = {"accepted_by_depth_rank": [{} for _ in range(max_depth)], "row_steps": 0}
     bookkeeping, steps = 0.0, 0
     for ids in tqdm(prompts, desc="calibrate acceptance", unit="prompt", disable=not progress):
-        stats = comb.generate(ids, new_tokens).stats
+        stats = comb.generate(ids, new_tokens, attention_mask=torch.ones_like(ids)).stats
         totals["row_steps"] += stats["row_steps"]
         for mine, theirs in zip(totals["accepted_by_depth_rank"], stats["accepted_by_depth_rank"]):
             for rank, count in theirs.items():
@@ -247,7 +243,7 @@ def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int |
     tokens, seconds = 0, 0.0
     for ids in prompts:
         start = time.perf_counter()
-        out = measured.generate(ids, new_tokens)
+        out = measured.generate(ids, new_tokens, attention_mask=torch.ones_like(ids))
         seconds += time.perf_counter() - start
         tokens += out.sequences.shape[1] - ids.shape[1]
     report = {"plan": planned.to_json(), "measured_tokens_per_s": tokens / seconds,

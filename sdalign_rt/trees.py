@@ -120,6 +120,16 @@ class TreeSpec:
             raise ValueError(f"cannot read tree {text!r}: {exc}") from None
         raise ValueError(f"tree must be chain:DEPTH, static:CHOICES or dynamic:TOP_K,DEPTH,TOTAL; got {text!r}")
 
+    def __str__(self) -> str:
+        """The command-line form TreeSpec.parse reads back ("chain:4", "static:[[0],[1],[0,0]]", ...)."""
+        if self.kind == "chain":
+            return f"chain:{self.depth}"
+        if self.kind == "dynamic":
+            return f"dynamic:{self.top_k},{self.depth},{self.total_tokens}"
+        if self.kind == "root":
+            return "root"
+        return "static:[" + ",".join("[" + ",".join(map(str, path)) + "]" for path in self.choices) + "]"
+
     @property
     def num_nodes(self) -> int:
         """Tree nodes the verifier checks per step: the root and the drafts."""

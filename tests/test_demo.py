@@ -3,10 +3,13 @@ tiny random Llama standing in for SmolLM2: same code path, seconds instead of mi
 import json
 import os
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
+import sdalign_rt as sd  # noqa: E402
 from sdalign_rt.demo import experiment  # noqa: E402
 from sdalign_rt.demo import prompts as demo_prompts  # noqa: E402
 from sdalign_rt.demo import smollm2  # noqa: E402
@@ -14,8 +17,9 @@ from test_cli_generate import word_tokenizer  # noqa: E402
 from test_decoder import tiny_llama  # noqa: E402
 
 CHAT = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
-TINY = experiment.DemoConfig(draft_layers=1, tree="chain:2", train_prompts=6, train_new_tokens=6, epochs=2,
-                             eval_prompts=2, max_new_tokens=8, draft_vocab=40, generation_batch=4, bottleneck=8)
+TINY = experiment.DemoConfig(draft_layers=1, tree="plan", train_prompts=6, train_new_tokens=6, epochs=2,
+                             eval_prompts=2, max_new_tokens=8, draft_vocab=40, generation_batch=4, bottleneck=8,
+                             rounds=1, plan_max_nodes=4, plan_max_depth=2, feature_thresholds=(0.5, 0.95))
 
 
 @pytest.fixture(scope="module")
@@ -33,52 +37,72 @@ def test_demo_round_trip_then_reuses_the_cache(checkpoint, tmp_path, monkeypatch
     cache = str(tmp_path / "cache")
     result = experiment.run_demo(TINY, cache_dir=cache, progress=False, checkpoint=checkpoint)
     for key in ("lossless", "speedup", "acceptance_rate", "mean_accepted", "tokens_per_s_baseline",
-                "tokens_per_s_spec", "draft_layers", "adapter_cosine", "per_position_acceptance"):
+                "tokens_per_s_spec", "draft_layers", "adapter_cosine", "per_position_acceptance", "peers",
+                "feature_sweep", "tree_plan", "bookkeeping_share_of_verify"):
         assert key in result
-    assert result["lossless"] is True and all(p["identical"] for p in result["prompts"])
-    assert result["draft_layers"] == 1 and len(result["per_position_acceptance"]) == 2
+    assert result["lossless"] is True and set(result["peers"]) == set(experiment.PEERS)
+    for name, peer in result["peers"].items():  # every peer is greedy decoding: all identical to HF generate
+        assert peer["identical"] is True and peer["tokens_per_s"] > 0, name
+    assert result["peers"]["hf_generate"]["speedup"] == 1.0
+    assert result["draft_layers"] == 1 and len(result["per_position_acceptance"]) == sd.TreeSpec.parse(
+        result["tree"]).depth <= 2
     assert result["new_tokens"] == 2 * 8 and result["alignment"]["training"]["rows"]["train"] > 0
-    assert 0 <= result["token_acceptance"] <= 1 and 1 <= result["mean_accepted"] <= 3
+    assert [row["threshold"] for row in result["feature_sweep"]] == [0.5, 0.95]
+    assert all(0 <= row["differing_token_share"] <= 1 for row in result["feature_sweep"])
+    assert result["tree_plan"]["plan"]["nodes"] <= 4
     adapter_dir = experiment._adapter_dir(cache, TINY, 1)
     assert os.path.isfile(os.path.join(adapter_dir, "adapter.safetensors"))
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached adapter should have been reused")
+    def never(*args, **kwargs):
+        raise AssertionError("the cached adapter and tree plan should have been reused")
 
-    monkeypatch.setattr("sdalign_rt.train_adapter.train_adapter", no_training)
-    again = experiment.run_demo(TINY, cache_dir=cache, progress=False, checkpoint=checkpoint)
-    assert again["alignment"] == result["alignment"]
+    monkeypatch.setattr("sdalign_rt.train_adapter.train_adapter", never)
+    monkeypatch.setattr("sdalign_rt.tree_planner.plan_tree", never)
+    again = experiment.run_demo(TINY, cache_dir=cache, progress=False, checkpoint=checkpoint, sweep_features=False)
+    assert again["alignment"] == result["alignment"] and again["tree"] == result["tree"]
     path = tmp_path / "out" / "demo.json"
-    experiment.write_demo(again, str(path))
+    experiment.write_demo(result, str(path))
     assert json.loads(path.read_text())["lossless"] is True and (tmp_path / "out" / "demo.png").exists()
 
 
-def test_continuations_resume_from_the_cache(checkpoint, tmp_path):
+def test_distillation_extends_to_more_prompts(checkpoint, tmp_path):
+    """More training prompts distil only the new ones; fewer take the first rows of a larger distillation."""
+    from sdalign_rt.extract import MANIFEST
+
     model, tokenizer = experiment.load_model(checkpoint, "float32")
     cache = str(tmp_path)
-    first = experiment.training_samples(model, tokenizer, cache, TINY, progress=False)
-    path = tmp_path / f"continuations-float32-{TINY.train_new_tokens}.pt"
-    saved = torch.load(path)
-    del saved["5"]  # as if interrupted before the last batch
-    torch.save(saved, path)
-    second = experiment.training_samples(model, tokenizer, cache, TINY, progress=False)
-    assert [s.continuation.tolist() for s in second] == [s.continuation.tolist() for s in first]
+    four = experiment.distilled_rows(model, tokenizer, 1, cache, replace(TINY, train_prompts=4), progress=False)
+    six = experiment.distilled_rows(model, tokenizer, 1, cache, TINY, progress=False)
+    with open(os.path.join(experiment._pairs_dir(cache, TINY, 1), MANIFEST)) as f:
+        assert sorted(json.load(f)["done"], key=int) == [str(i) for i in range(6)]
+    assert int(four["sample"].max()) == 3 and int(six["sample"].max()) == 5
+    assert torch.equal(six["next_token"][six["sample"] < 4], four["next_token"])
+    again = experiment.distilled_rows(model, tokenizer, 1, cache, replace(TINY, train_prompts=4), progress=False)
+    assert torch.equal(again["next_token"], four["next_token"])
 
 
-def test_sweep_picks_the_fastest_depth(checkpoint, tmp_path):
-    result = experiment.sweep_depth([1, 2], TINY, cache_dir=str(tmp_path), progress=False, checkpoint=checkpoint)
-    assert [row["draft_layers"] for row in result["rows"]] == [1, 2]
+def test_compare_adapters_names_the_fastest(checkpoint, tmp_path):
+    variants = (("k=1", dict(draft_layers=1, context=False)), ("k=2, context", dict(draft_layers=2, context=True)))
+    result = experiment.compare_adapters(TINY, variants, cache_dir=str(tmp_path), progress=False,
+                                         checkpoint=checkpoint, tree="chain:2")
+    assert [row["variant"] for row in result["rows"]] == ["k=1", "k=2, context"]
     assert all(row["lossless"] for row in result["rows"])
-    best = max(result["rows"], key=lambda row: row["speedup"])
-    assert result["best_draft_layers"] == best["draft_layers"]
-    experiment.write_sweep(result, str(tmp_path / "sweep.json"))
-    assert (tmp_path / "sweep.png").exists()
+    assert result["winner"] == max(result["rows"], key=lambda row: row["speedup"])["variant"]
+    experiment.write_comparison(result, str(tmp_path / "adapters.json"))
+    assert (tmp_path / "adapters.png").exists()
 
 
 def test_prompt_sets_are_disjoint():
     train, held_out = demo_prompts.train_prompts(), demo_prompts.eval_prompts()
+    calibration = demo_prompts.calibration_prompts()
     assert len(held_out) == len(demo_prompts.EVAL_TOPICS) and not set(train) & set(held_out)
-    assert not set(demo_prompts.TRAIN_TOPICS) & set(demo_prompts.EVAL_TOPICS)
+    assert not set(calibration) & (set(train) | set(held_out))
+    for first, second in ((demo_prompts.TRAIN_TOPICS, demo_prompts.EVAL_TOPICS),
+                          (demo_prompts.CALIBRATION_TOPICS, demo_prompts.TRAIN_TOPICS),
+                          (demo_prompts.CALIBRATION_TOPICS, demo_prompts.EVAL_TOPICS)):
+        assert not set(first) & set(second)
+    assert train[:624] == [t.format(topic=topic) for t in demo_prompts.TEMPLATES[:8] for topic in
+                           demo_prompts.TRAIN_TOPICS]  # the first 624 are the first 8 templates
 
 
 def test_missing_wheel_is_a_clear_error(monkeypatch):

@@ -145,3 +145,8 @@ def test_ancestor_closure_matches_build_tree(tree):
     mask, depth = sd.trees.ancestor_closure(tree)
     expected = sd.ops.build_tree(tree, 0)
     assert torch.equal(mask, expected.mask[:, 0]) and torch.equal(depth, expected.depth)
+
+
+@pytest.mark.parametrize("text", ["chain:3", "static:[[0],[1],[0,0],[0,1,2]]", "dynamic:3,4,10"])
+def test_text_form_round_trips(text):
+    assert str(sd.TreeSpec.parse(text)) == text

@@ -1,5 +1,6 @@
-"""The embedded default's prompts: instructions over everyday topics. Adapter training uses every template on
-the training topics; the demo's fixed evaluation set uses topics that training never saw."""
+"""The embedded default's prompts: instructions over everyday topics. Adapter training uses the templates on the
+training topics (template by template, so that any prefix of the list covers every topic); tree planning
+calibrates on its own topics; the demo's fixed evaluation set uses topics that neither ever saw."""
 
 TRAIN_TOPICS = (
     "photosynthesis", "the water cycle", "black holes", "the French Revolution", "machine learning", "volcanoes",
@@ -15,6 +16,7 @@ TRAIN_TOPICS = (
     "running a marathon", "gardening", "composting", "bridges", "satellites", "spiders", "the violin", "pizza",
     "origami",
 )
+CALIBRATION_TOPICS = ("kites", "volcano islands", "bakeries", "thunderstorms")
 EVAL_TOPICS = (
     "the human skeleton", "autumn leaves", "snowflakes", "lighthouses", "submarines", "robots", "elephants",
     "castles", "museums", "typewriters", "clocks", "windmills",
@@ -28,11 +30,25 @@ TEMPLATES = (
     "Describe the history of {topic} briefly.",
     "Write a short poem about {topic}.",
     "What are common misconceptions about {topic}?",
+    "How does {topic} work?",
+    "List the pros and cons of {topic}.",
+    "Tell a short story that involves {topic}.",
+    "What would happen if {topic} disappeared?",
+    "Teach me the basics of {topic} in five steps.",
+    "What questions do people often ask about {topic}?",
+    "Compare {topic} with something similar.",
+    "Write a short speech about {topic}.",
 )
 
 
 def train_prompts() -> list[str]:
-    return [template.format(topic=topic) for topic in TRAIN_TOPICS for template in TEMPLATES]
+    """Every template on every training topic, template by template (the first 624 are the first 8 templates)."""
+    return [template.format(topic=topic) for template in TEMPLATES for topic in TRAIN_TOPICS]
+
+
+def calibration_prompts() -> list[str]:
+    """For tree planning: topics that neither training nor evaluation uses."""
+    return [TEMPLATES[i % len(TEMPLATES)].format(topic=topic) for i, topic in enumerate(CALIBRATION_TOPICS)]
 
 
 def eval_prompts() -> list[str]:
