@@ -15,11 +15,13 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 from sdalign_rt import cpu_linear
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import time_cpu  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -29,13 +31,7 @@ SHAPES = {"smollm2 576->1536": (1536, 576, 60), "smollm2 1536->576": (576, 1536,
 
 
 def _median_us(fn, reps: int) -> float:
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e6
+    return time_cpu(fn, min_reps=reps, min_seconds=0.0, warmup=1, max_reps=reps)["median_us"]
 
 
 def main(argv=None) -> int:

@@ -36,15 +36,21 @@ def _info(args) -> int:
     return 0
 
 
+def _require_dirs(command: str, args, names=("target", "draft", "adapter")) -> None:
+    """A clear exit for a checkpoint or adapter argument that is not a directory."""
+    for name in names:
+        path = getattr(args, name, None)
+        if path is not None and not os.path.isdir(path):
+            raise SystemExit(f"sdalign-rt {command}: --{name.replace('_', '-')} {path!r} is not a directory")
+
+
 def _generate(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import sdalign_rt as sd
 
-    for name, path in (("--target", args.target), ("--draft", args.draft), ("--adapter", args.adapter)):
-        if path is not None and not os.path.isdir(path):
-            raise SystemExit(f"sdalign-rt generate: {name} {path!r} is not a directory")
+    _require_dirs("generate", args)
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     tokenizer.padding_side = "left"
@@ -142,9 +148,7 @@ def _extract(args) -> int:
 
     from sdalign_rt.extract import ExtractSample, extract_pairs
 
-    for name, path in (("--target", args.target), ("--draft", args.draft)):
-        if not os.path.isdir(path):
-            raise SystemExit(f"sdalign-rt extract: {name} {path!r} is not a directory")
+    _require_dirs("extract", args, ("target", "draft"))
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(args.device).eval()
@@ -166,9 +170,7 @@ def _plan_tree(args) -> int:
     import sdalign_rt as sd
     from sdalign_rt.tree_planner import plan_tree
 
-    for name, path in (("--target", args.target), ("--draft", args.draft), ("--adapter", args.adapter)):
-        if path is not None and not os.path.isdir(path):
-            raise SystemExit(f"sdalign-rt plan-tree: {name} {path!r} is not a directory")
+    _require_dirs("plan-tree", args)
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(args.device).eval()
