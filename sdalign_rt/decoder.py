@@ -208,9 +208,11 @@ class SpeculativeDecoder:
         timings = {"draft_s": 0.0, "verify_forward_s": 0.0, "bookkeeping_s": 0.0}
         start = time.perf_counter()
 
-        region = self.drafter.tree_region
-        workspace = self._get_workspace(batch, input_ids.shape[1] + max_new_tokens + region + 2,
-                                        draft_input_ids.shape[1] + max_new_tokens + region + 2)
+        # A row's cache holds prompt + emitted - 1 tokens while it decodes; its last step may accept up to `depth`
+        # more than it emits, and it keeps writing a tree region at that length until every row is done; plus
+        # the scratch slot.
+        slack = max_new_tokens + self.tree.depth + self.drafter.tree_region + 1
+        workspace = self._get_workspace(batch, input_ids.shape[1] + slack, draft_input_ids.shape[1] + slack)
         if not workspace.shared:
             _check_position_limit(self.draft, "the drafter", draft_prompt_lengths, max_new_tokens)
         plan = self._plan(batch, device, workspace.verifier.cache.dtype)

@@ -270,3 +270,16 @@ def test_plain_one_token_decoding_through_the_runtime(lean):
     assert out.stats["mean_accepted"] == 1.0 and out.stats["steps"] == 14
     with pytest.raises(ValueError, match="draft=None decodes one token per step"):
         sd.SpeculativeDecoder(target=TARGET, draft=None, tree=TREES["chain4"])
+
+
+@pytest.mark.parametrize("tree", ["chain4", "static", "dynamic"])
+def test_capacity_holds_rows_that_finish_first(monkeypatch, tree):
+    """Caches sized exactly (no rounding up): rows accept at different rates, so one reaches max_new_tokens (its last
+    step accepting past it) or an EOS while others decode on, and keeps writing tree regions at its frozen length."""
+    monkeypatch.setattr("sdalign_rt.decoder._round_up", lambda slots: slots)
+    ids, mask = left_padded_prompts([3, 6, 5], 12)
+    for max_new in range(4, 16):
+        expected = reference(ids, mask, max_new)
+        for drafter, layers in ((DRAFTS["perturbed"], None), (TARGET, 1)):
+            decoder = sd.SpeculativeDecoder(target=TARGET, draft=drafter, tree=TREES[tree], draft_layers=layers)
+            assert torch.equal(decoder.generate(ids, max_new, attention_mask=mask).sequences, expected), max_new
