@@ -20,7 +20,7 @@ Measured (median, p10 / p90):
 Projected (labelled as such): speedup for alpha in 0.3 / 0.5 / 0.7, and for the per-draft acceptance per k
 measured on the embedded default (--sweep, from `sdalign-rt compare-adapters`), from the measured costs:
   speedup(k, gamma) = E[tokens](a, gamma) * verify(1) / (verify(gamma + 1) + gamma * draft(k) + bookkeeping).
-CUDA graphs for the draft and verify steps are issue 5's GPU work and are not measured by this script yet.
+With --compile, the decode step again with compiled forwards (CUDA graphs on a GPU), wall and GPU time per step.
 Writes bench/results/e2e_<device>.json and .png.
 """
 from __future__ import annotations
@@ -191,16 +191,37 @@ def vision_costs(device, quick: bool, smoke: bool = False) -> dict:
 
 
 @torch.no_grad()
-def decode_steps(model, adapter, k: int, context: int, device, new_tokens: int) -> dict:
-    """SpeculativeDecoder on the 7B model (self-speculative, chain of 4): the per-step split."""
-    decoder = sd.SpeculativeDecoder(model, model, adapter=adapter, tree=sd.TreeSpec.chain(4), draft_layers=k)
+def decode_steps(model, adapter, k: int, context: int, device, new_tokens: int, compiled: bool = False) -> dict:
+    """SpeculativeDecoder on the 7B model (self-speculative, chain of 4): the per-step split, wall time per step
+    (synchronized), and on CUDA the GPU's kernel time per step (profiler) beside it. compiled: torch.compile'd
+    forwards (CUDA graphs on a GPU)."""
+    decoder = sd.SpeculativeDecoder(model, model, adapter=adapter, tree=sd.TreeSpec.chain(4), draft_layers=k,
+                                    compile=compiled)
     ids = torch.randint(1, 32000, (1, context), device=device)
-    decoder.generate(ids, 4)  # warm-up
+    decoder.generate(ids, 8)  # warm-up (and, compiled, the compilation of every width)
+    _sync(device)
+    start = time.perf_counter()
     out = decoder.generate(ids, new_tokens)
+    _sync(device)
+    wall = time.perf_counter() - start
     timings, steps = out.stats["timings"], max(out.stats["steps"], 1)
-    return {"draft_layers": k, "steps": out.stats["steps"],
-            "per_step_ms": {key: 1e3 * timings[key] / steps for key in ("draft_s", "verify_forward_s", "bookkeeping_s")},
-            "bookkeeping_share_of_verify": out.stats["bookkeeping_share_of_verify"]}
+    row = {"draft_layers": k, "compiled": compiled, "steps": out.stats["steps"], "wall_ms_per_step": 1e3 * wall / steps,
+           "per_step_ms": {key: 1e3 * timings[key] / steps for key in ("draft_s", "verify_forward_s", "bookkeeping_s")},
+           "bookkeeping_share_of_verify": out.stats["bookkeeping_share_of_verify"]}
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            traced = decoder.generate(ids, new_tokens)
+            _sync(device)
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+        row["gpu_kernel_ms_per_step"] = kernel_us / 1e3 / max(traced.stats["steps"], 1)
+    return row
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def projections(result: dict, sweep: dict | None, gammas=(1, 2, 3, 4, 5)) -> dict:
@@ -267,6 +288,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", default=os.path.join(RESULTS, "adapters_cpu.json"),
                         help="compare-adapters JSON whose per-k acceptance feeds the projection")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also the decode step with compiled forwards")
     parser.add_argument("--smoke", action="store_true", help="toy widths (a test of this script, not a benchmark)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -292,6 +314,10 @@ def main(argv=None) -> int:
     print("decode steps ...", flush=True)
     result["decode_step"] = decode_steps(model, adapter, args.decode_layers, context, device,
                                          args.new_tokens or (8 if cpu else 64))
+    if args.compile:
+        print("decode steps, compiled ...", flush=True)
+        result["decode_step_compiled"] = decode_steps(model, adapter, args.decode_layers, context, device,
+                                                      args.new_tokens or (8 if cpu else 64), compiled=True)
     verify_one = result["verify_cost"]["1"]["median_ms"]
     result["draft_cost_ratio"] = {k: v["median_ms"] / verify_one for k, v in result["draft_cost"].items()}
     sweep = None

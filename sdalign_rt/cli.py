@@ -305,6 +305,9 @@ def _add_demo_flags(command, defaults) -> None:
                          help=f"training prompts to distil (default {defaults.train_prompts}, 0: all)")
     command.add_argument("--context", action=argparse.BooleanOptionalAction, default=None,
                          help=f"adapter reads the verifier's previous state (default {defaults.context})")
+    command.add_argument("--self-context", type=float, default=None,
+                         help=f"share of training rows that read the adapter's own prediction as context "
+                         f"(default {defaults.self_context})")
     command.add_argument("--rounds", type=int, default=None,
                          help=f"interleaved repetitions (default {defaults.rounds})")
     command.add_argument("--epochs", type=int, default=None, help=f"adapter training epochs (default {defaults.epochs})")

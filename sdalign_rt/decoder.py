@@ -97,6 +97,8 @@ class SpeculativeDecoder:
             if tree is not None or adapter is not None or draft_layers is not None or vocab_map is not None:
                 raise ValueError("draft=None decodes one token per step: it takes no tree, adapter, draft_layers "
                                  "or vocab_map")
+            if mode == "feature":
+                raise ValueError("feature mode compares the drafter's states with the verifier's: it needs a drafter")
             tree = TreeSpec.root_only()
         tree = tree if tree is not None else TreeSpec.chain(4)
         if not isinstance(tree, TreeSpec):
@@ -195,6 +197,9 @@ class SpeculativeDecoder:
         if attention_mask is None:
             attention_mask = self._infer_attention_mask(input_ids)
         prompt_lengths = _prompt_lengths("attention_mask", attention_mask, input_ids)
+        if self.drafter.shares_verifier_cache and (draft_input_ids is not None or draft_inputs):
+            raise ValueError("this drafter reads the verifier's own cache (the verifier's first layers, or no drafter): "
+                             "it takes no draft_input_ids or draft_inputs of its own")
         if draft_input_ids is None:  # the verifier's prompt, in the drafter's ids
             draft_input_ids, draft_attention_mask = self.drafter.draft_ids(input_ids), attention_mask
         elif draft_attention_mask is None:
@@ -213,14 +218,13 @@ class SpeculativeDecoder:
         # the scratch slot.
         slack = max_new_tokens + self.tree.depth + self.drafter.tree_region + 1
         workspace = self._get_workspace(batch, input_ids.shape[1] + slack, draft_input_ids.shape[1] + slack)
-        if not workspace.shared:
+        if not self.drafter.shares_verifier_cache:
             _check_position_limit(self.draft, "the drafter", draft_prompt_lengths, max_new_tokens)
         plan = self._plan(batch, device, workspace.verifier.cache.dtype)
         with ops.value_checks(False):
             last = workspace.verifier.prefill(input_ids, attention_mask, target_inputs)
             logits = workspace.verifier.logits(last)
-            drafter_state = self.drafter.begin(workspace.drafter, workspace.shared, draft_input_ids,
-                                               draft_attention_mask, draft_inputs)
+            drafter_state = self.drafter.begin(workspace.drafter, draft_input_ids, draft_attention_mask, draft_inputs)
             drafter_state.context = last  # the verifier's state at the last prompt token
             root = sampling.first_token(logits)
             first = torch.cat([root[:, None], _nonfinite(logits[:, None])[:, None]], dim=1).tolist()  # prefill sync
@@ -239,7 +243,8 @@ class SpeculativeDecoder:
                 outcome, forward_s = self._verify(workspace.verifier, draft, sampling)
                 readback, root = self._accept(workspace, drafter_state, draft, outcome, live)
                 host = readback.tolist()  # the one read-back (host sync) of the step
-                _raise_if_nonfinite([row[2] for row in host], f"step {stats.steps + 1}")
+                # Rows that already finished decode on out of sight: their overflow is nobody's error.
+                _raise_if_nonfinite([row[2] and alive for row, alive in zip(host, live_host)], f"step {stats.steps + 1}")
                 emitted = self._emit_step(host, generated, finished, stats, max_new_tokens)
                 stats.steps += 1
                 if any(f and bool(was_live) for f, was_live in zip(finished, live_host)):
@@ -291,7 +296,7 @@ class SpeculativeDecoder:
     def _verify_features(self, draft: Draft, parents, target_hidden, target_argmax):
         """Relaxed acceptance (see feature_path): the cosine of each node's drafting state (adapted when aligned,
         kept from drafting: the adapter never runs twice) with the verifier's state at that node."""
-        states = draft.node_states
+        states = draft.node_states.to(target_hidden.device)
         _, close, _ = ops.cosine_accept(states, target_hidden.to(states.dtype), self.feature_threshold, "relaxed")
         accept_nodes, accept_len = feature_path(close, parents, draft.ranks, self.tree.depth)
         last = accept_nodes.gather(1, (accept_len - 1)[:, None])
@@ -304,7 +309,7 @@ class SpeculativeDecoder:
         cache = workspace.verifier.cache
         grow = outcome.accept_len * live
         cache.compact(outcome.accept_nodes, cache.lengths)
-        if not workspace.shared:
+        if not self.drafter.shares_verifier_cache:
             self.drafter.accept(drafter_state, draft, outcome.accept_nodes, outcome.accept_len, grow)
         drafter_state.context = outcome.context
         cache.lengths += grow
@@ -410,7 +415,7 @@ class _Workspace:
     batch: int
     verifier: ModelRunner
     drafter: ModelRunner | None  # None: plain decoding
-    shared: bool
+    shared: bool  # the drafter reads and writes the verifier's cache (its Drafter decided so)
 
     @classmethod
     def build(cls, decoder: SpeculativeDecoder, batch: int, verifier_slots: int, drafter_slots: int):

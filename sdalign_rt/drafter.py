@@ -5,9 +5,11 @@ lifted into the verifier's ids by a VocabMap when the vocabularies differ. Align
 BottleneckAdapter -> the verifier's LM head rows (all, or the adapter's reduced draft vocabulary); the
 drafter's own head is never computed.
 
-Trees. Static trees (chains, Medusa / EAGLE-1 choices) run one drafter forward per level except the last,
-over the level's nodes, with the plan's masks. Dynamic trees (EAGLE-2) run `top_k` frontier nodes per level
-and keep the best `total_tokens` candidates by cumulative log-probability. Every forward has a fixed width.
+Trees. Static trees (chains, Medusa / EAGLE-1 choices) run one drafter forward per level, over the level's
+nodes that have children (leaves are never run), with the plan's masks. Dynamic trees (EAGLE-2) run `top_k`
+frontier nodes per level and keep the best `total_tokens` candidates by cumulative log-probability. Every
+forward has a fixed width. A context adapter reads the verifier's state at the last accepted node for the
+root, and each node's parent's adapted state (its prediction of that state) below it.
 
 Cache. The drafter's tree region starts at its committed length: static node i sits at offset i, a dynamic
 frontier node at 1 + (level - 1) * top_k + j. After verification `accept` moves the accepted nodes' K/V
@@ -48,8 +50,7 @@ class Draft:
 @dataclass
 class DrafterState:
     """Per generate call: the drafter's runner and the token its next forward may have to recompute."""
-    runner: ModelRunner
-    shared: bool  # reads and writes the verifier's cache
+    runner: ModelRunner  # the drafter's runner, over its own cache or the verifier's
     previous: torch.Tensor | None = None  # [B] drafter id of the last accepted token (own cache only)
     previous_cached: torch.Tensor | None = None  # [B] bool: its K/V are already in the drafter's cache
     context: torch.Tensor | None = None  # [B, D_verifier] the verifier's state before the root (context adapters)
@@ -90,9 +91,13 @@ class Drafter:
                                                                  ).to(device)
                 tables["ids"] = None if rows is None else rows.to(device)
             elif self.vocab_map is not None:
-                to_target = self.vocab_map.to_target.to(device)
+                # Over the drafter's head rows (which may pad its vocabulary): ids the verifier lacks, or rows
+                # past the map, can never be drafted.
+                rows = self.model.get_output_embeddings().weight.shape[0]
+                to_target = torch.full((rows,), -1, dtype=torch.long, device=device)
+                known = min(rows, len(self.vocab_map.to_target))
+                to_target[:known] = self.vocab_map.to_target[:known].to(device)
                 tables["ids"] = to_target.clamp(min=0)
-                # Drafter tokens the verifier lacks can never be drafted.
                 tables["unmapped"] = torch.where(to_target < 0, float("-inf"), 0.0)
             else:
                 tables["ids"] = None
@@ -121,7 +126,9 @@ class Drafter:
         at the previous position (or the adapter's prediction of it, deeper in the tree)."""
         if self.adapter is None:
             return hidden
-        return self.adapter(hidden, context if self.reads_context else None)
+        if not self.reads_context:
+            return self.adapter(hidden)
+        return self.adapter(hidden, context.to(hidden.device))  # the verifier may sit on another device
 
     def scores(self, states: torch.Tensor) -> torch.Tensor:
         """Draft scores [..., V'] of `states` (V': the draft vocabulary; see `token_ids`)."""
@@ -142,11 +149,11 @@ class Drafter:
 
     # ---- a generate call -----------------------------------------------------------------------------------
 
-    def begin(self, runner: ModelRunner, shared: bool, draft_input_ids: torch.Tensor | None = None,
+    def begin(self, runner: ModelRunner, draft_input_ids: torch.Tensor | None = None,
               draft_attention_mask: torch.Tensor | None = None, media: dict | None = None) -> DrafterState:
         """Prefill the drafter's own cache with its prompt (nothing to do when it shares the verifier's)."""
-        state = DrafterState(runner, shared)
-        if not shared:
+        state = DrafterState(runner)
+        if not self.shares_verifier_cache:
             runner.prefill(draft_input_ids, draft_attention_mask, media, last_only=True)
             # The last prompt token is cached; the first step's forward writes its column to the scratch slot.
             state.previous = draft_input_ids[:, -1].clone()
@@ -167,13 +174,13 @@ class Drafter:
         runner = state.runner
         cache = runner.cache
         length = cache.lengths
-        if state.shared:  # no vocabulary map: the root's id is the drafter's
+        if self.shares_verifier_cache:  # no vocabulary map: the root's id is the drafter's
             tokens, slots = root[:, None], length[:, None]
             positions = cache.next_positions()[:, None]
             block, offset = self._block_root(cache.dtype, 1), length
         else:
             # [previous, root] at slots [length - 1, length]; a cached previous writes to the scratch slot.
-            tokens = torch.stack([state.previous, self.draft_ids(root)], dim=1)
+            tokens = torch.stack([state.previous, self.draft_ids(root).to(state.previous.device)], dim=1)
             previous_slot = torch.where(state.previous_cached, cache.scratch_slot, length - 1)
             slots = torch.stack([previous_slot, length], dim=1)
             positions = cache.next_positions()[:, None] + self._pair_offsets(root.device)
@@ -205,10 +212,11 @@ class Drafter:
         runner = state.runner
         cache = runner.cache
         length = cache.lengths
-        slots = length[:, None] + offsets
+        tokens = self.draft_ids(tokens).to(cache.device)  # the tree is built on the verifier's side
+        slots = length[:, None] + offsets.to(cache.device)
         positions = (cache.next_positions() + depth)[:, None].expand(tokens.shape)
-        return runner.forward(runner.embed(self.draft_ids(tokens)), positions, slots.expand(tokens.shape),
-                              cache.attention_bias(block, length))
+        return runner.forward(runner.embed(tokens), positions, slots.expand(tokens.shape),
+                              cache.attention_bias(block.to(cache.device), length))
 
     def _draft_static(self, state, root, root_states, plan: TreePlan) -> Draft:
         batch = root.shape[0]
@@ -218,22 +226,23 @@ class Drafter:
         if self.keep_states:
             node_states = root_states.new_zeros(batch, plan.nodes, root_states.shape[-1])
             node_states[:, 0] = root_states
-        level_states = root_states[:, None]  # [B, w_{d-1}, D] of the previous level's nodes
+        level_states = root_states[:, None]  # [B, w, D] of the previous level's expanded nodes
         level_scores = self.scores(level_states)
         for depth in range(1, plan.depth + 1):
             start, end = plan.levels[depth]
-            top = level_scores.topk(plan.children_needed[depth], dim=-1).indices  # [B, w_{d-1}, k]
-            picked = top[:, plan.parent_in_level[depth], plan.ranks[0, start:end]]  # [B, w_d]
+            top = level_scores.topk(plan.children_needed[depth], dim=-1).indices  # [B, w, k]
+            picked = top[:, plan.parent_in_level[depth], plan.ranks[0, start:end]]  # [B, n_d]
             tokens[:, start:end] = self.token_ids(picked)
             if depth == plan.depth:
-                break  # the last level's children are never drafted
-            offsets = plan.drafter_offsets[:, start:end]
-            hidden = self._level_forward(state, tokens[:, start:end], depth, offsets, plan.block[:, start:end, :end])
+                break
+            run = plan.expanded[depth]  # the level's nodes with children; the others are leaves
+            hidden = self._level_forward(state, tokens[:, run], depth, run[None], plan.block[:, run, :end])
             # A node's context is its parent's predicted verifier state: the true one is not known yet.
-            level_states = self.states(hidden, level_states[:, plan.parent_in_level[depth]])
+            parents_in_above = plan.parent_in_level[depth][run - start]
+            level_states = self.states(hidden, level_states[:, parents_in_above])
             level_scores = self.scores(level_states)
             if node_states is not None:
-                node_states[:, start:end] = level_states
+                node_states[:, run] = level_states
         return Draft(tokens, plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets, node_states)
 
     def _draft_dynamic(self, state, root, root_states) -> Draft:
@@ -315,17 +324,19 @@ class Drafter:
                grow: torch.Tensor) -> None:
         """Keep the accepted nodes' K/V (accept_nodes [B, M] root first, -1 padded; accept_len [B]); grow [B]
         is accept_len for live rows and 0 for finished ones. Shared caches are compacted by the verifier."""
-        if state.shared:
+        if self.shares_verifier_cache:
             return
         cache = state.runner.cache
+        device = cache.device  # the verifier's outputs may sit on another device than the drafter
+        accept_nodes, accept_len, grow = accept_nodes.to(device), accept_len.to(device), grow.to(device)
         batch = accept_nodes.shape[0]
         valid = accept_nodes >= 0
-        offsets = draft.drafter_offsets.expand(batch, -1).gather(1, accept_nodes.clamp(min=0))
+        offsets = draft.drafter_offsets.to(device).expand(batch, -1).gather(1, accept_nodes.clamp(min=0))
         offsets = torch.where(valid, offsets, -1)
         cache.compact(offsets, cache.lengths)
         last = (accept_len - 1).clamp(min=0)[:, None]
         last_offset = offsets.gather(1, last)[:, 0]
-        last_token = draft.tokens.gather(1, accept_nodes.gather(1, last).clamp(min=0))[:, 0]
+        last_token = draft.tokens.to(device).gather(1, accept_nodes.gather(1, last).clamp(min=0))[:, 0]
         frozen = grow == 0
         state.previous = torch.where(frozen, state.previous, self.draft_ids(last_token))
         state.previous_cached = frozen | (last_offset >= 0)

@@ -2,8 +2,9 @@
 
 Layout. Layers that live on one device share one buffer [L_dev, 2, B, H, capacity, Dh] (a model spread over
 two GPUs by accelerate's device_map gets two buffers, each beside its layers). Nothing is ever reallocated:
-capacity is sized before prefill (prompt + new tokens + one tree + one scratch slot), so every step reads and
-writes tensors of the same shapes and can be captured as a CUDA graph.
+capacity is sized before prefill (prompt + new tokens + the tree's depth, which a row's last step may accept
+past them, + one tree region + one scratch slot), so every step reads and writes tensors of the same shapes
+and can be captured as a CUDA graph.
 
 Rows. Row b's slots [start_b, length_b) hold its committed tokens in order: slot s carries position
 s - start_b. Slots before start_b are the left padding of its prompt; slots from length_b on are free (a

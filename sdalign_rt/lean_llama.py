@@ -83,7 +83,7 @@ class LeanLlamaForward:
             device = self._devices[index]
             if device not in per_device:
                 hidden = hidden.to(device)
-                cos, sin = self.rotary(hidden, positions.to(device))
+                cos, sin = (t.to(device) for t in self.rotary(hidden, positions.to(device)))
                 slot_index = slots.to(device)[:, None, :, None].expand(batch, self.kv_heads, tokens, self.head_dim)
                 per_device[device] = (cos, sin, bias.to(device), slot_index)
             cos, sin, device_bias, slot_index = per_device[device]

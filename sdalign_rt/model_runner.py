@@ -65,7 +65,6 @@ class ModelRunner:
         forward_class = LeanLlamaForward if self.lean else TransformersForward
         self._forward = forward_class(model.get_decoder(), cache, num_layers)
         self._run = self._forward  # the call itself (replaced by its compiled version)
-        self.num_layers = self._forward.num_layers
         self.position_limit = learned_position_limit(model)
 
     @torch.no_grad()
@@ -83,7 +82,8 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 bias: torch.Tensor) -> torch.Tensor:
-        return self._run(embeds, self._clamp(positions), slots, bias)
+        # Back to where the bookkeeping lives (a model split over devices ends on its last one).
+        return self._run(embeds, self._clamp(positions), slots, bias).to(self.cache.device)
 
     def _clamp(self, positions: torch.Tensor) -> torch.Tensor:
         if self.position_limit is None:
@@ -121,7 +121,7 @@ class ModelRunner:
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's LM head on these states only ([..., D] -> [..., V])."""
-        return project(self.model.get_output_embeddings(), hidden)
+        return project(self.model.get_output_embeddings(), hidden).to(self.cache.device)
 
 
 def learned_position_limit(model) -> int | None:

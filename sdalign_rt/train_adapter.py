@@ -41,6 +41,9 @@ class TrainConfig:
     input_norm: bool = False  # RMS-normalise the input first (raw layer-k states of a shallow drafter)
     draft_vocab: int = 0  # > 0: draft over the N most frequent next tokens only (EAGLE-3's reduced head)
     context: bool = False  # condition on the verifier's previous final state (EAGLE-style feature fusion)
+    # With context: the share of training rows that read the adapter's own prediction of the previous state
+    # instead of the true one, as every node below a draft tree's root does in decoding (needs rows' "sample").
+    self_context: float = 0.0
     seed: int = 0
 
 
@@ -53,6 +56,18 @@ def adapter_loss(adapter, draft_hidden, target_hidden, next_token, config: Train
     if config.ce_weight and head_weight is not None and bool((next_token >= 0).any()):
         loss = loss + config.ce_weight * F.cross_entropy(predicted @ head_weight.T, next_token, ignore_index=-100)
     return loss
+
+
+def _self_context(adapter, draft, context, previous, rows, share: float, generator) -> torch.Tensor:
+    """The batch's contexts with a share of them replaced by the adapter's own prediction of the previous row's
+    state (made from that row's drafter state and true context, no gradient through it)."""
+    chosen = (previous[rows] >= 0) & (torch.rand(len(rows), generator=generator) < share)
+    mixed = context[rows].clone()
+    if bool(chosen.any()):
+        before = previous[rows][chosen]
+        with torch.no_grad():
+            mixed[chosen] = adapter(draft[before], context[before]).float()
+    return mixed
 
 
 def frequent_tokens(tokens: torch.Tensor, count: int) -> torch.Tensor:
@@ -97,11 +112,19 @@ def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, l
         raise ValueError(f"row counts differ: {len(draft)} drafter, {len(target)} verifier, {len(tokens)} tokens")
     if not (torch.isfinite(draft).all() and torch.isfinite(target).all()):
         raise ValueError("the extracted hidden states contain non-finite values")
-    context = None
+    context = previous = None
     if config.context:
         if rows.get("context_hidden") is None:
             raise ValueError("context=True needs the rows' context_hidden (extract again with this version)")
         context = rows["context_hidden"].float()
+        if config.self_context:
+            if rows.get("sample") is None:
+                raise ValueError("self_context needs the rows' sample numbers (load_pairs gives them)")
+            sample = rows["sample"]
+            # The row before each row in its sample (-1 for a sample's first row): rows are in text order.
+            previous = torch.arange(len(sample)) - 1
+            previous[1:][sample[1:] != sample[:-1]] = -1
+            previous[0] = -1
     if (config.ce_weight or config.draft_vocab) and lm_head is None:
         raise ValueError("ce_weight > 0 and draft_vocab > 0 need the verifier's LM head (lm_head)")
     train_idx, val_idx = split_rows(len(tokens), config.val_fraction, config.seed)
@@ -152,8 +175,11 @@ def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, l
         total = 0.0
         for start in range(0, len(order), config.batch_size):
             batch = order[start: start + config.batch_size]
-            loss = adapter_loss(adapter, draft[batch], target[batch], tokens[batch], config, head_weight,
-                                None if context is None else context[batch])
+            batch_context = None if context is None else context[batch]
+            if previous is not None:
+                batch_context = _self_context(adapter, draft, context, previous, batch, config.self_context,
+                                              torch.Generator().manual_seed(config.seed * 7919 + epoch * 1009 + start))
+            loss = adapter_loss(adapter, draft[batch], target[batch], tokens[batch], config, head_weight, batch_context)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -8,8 +8,9 @@ depth or reads a node count back to the host. Worked example, choices [(0,), (1,
     depths    0         1       1       2          -> verifier positions length + [0, 1, 1, 2]
     ranks     -1        0       1       0          (sibling rank: 0 is the drafter's top token)
     levels    [(0, 1), (1, 3), (3, 4)]             (node ranges per depth: BFS order)
+    expanded  [[0], [1], []]                       (nodes with children: the drafter runs only those)
     block     row 3 sees nodes 0, 1, 3             (additive: 0 there, dtype min elsewhere)
-    drafted   nodes 0, 1, 2 run through the drafter (the last level never does): offsets [0, 1, 2, -1]
+    drafted   offsets [0, 1, -1, -1]                (node 1 at offset 1 of the drafter's tree region; leaves: -1)
 """
 from __future__ import annotations
 
@@ -31,32 +32,38 @@ class TreePlan:
     ranks: torch.Tensor  # [1, N] int64, -1 at the root
     block: torch.Tensor  # [1, N, N] additive: node i sees itself and its ancestors
     levels: tuple  # per depth: (first node, end) of its nodes, host ints
-    parent_in_level: tuple  # per depth d >= 1: [w_d] index of each node's parent within level d - 1
-    children_needed: tuple  # per depth d >= 1: how many top tokens level d - 1's nodes must provide
+    expanded: tuple  # per depth d < depth: [w_d] the level's nodes that have children (the drafter runs those)
+    parent_in_level: tuple  # per depth d >= 1: [n_d] each node's parent's index within expanded[d - 1]
+    children_needed: tuple  # per depth d >= 1: how many top tokens the expanded nodes of d - 1 must provide
     drafter_offsets: torch.Tensor  # [1, N]: where the drafter's tree region holds node i (-1: never run)
 
     @classmethod
     def build(cls, spec: TreeSpec, device, dtype: torch.dtype, batch: int = 1) -> "TreePlan":
         if not spec.is_static:
             raise ValueError("a dynamic tree is planned per step (select_dynamic_tree), not once")
-        parents = torch.tensor([spec.parents()], dtype=torch.int64, device=device)
-        ranks = torch.tensor([spec.ranks()], dtype=torch.int64, device=device)
+        parents_list, ranks_list = spec.parents(), spec.ranks()
+        parents = torch.tensor([parents_list], dtype=torch.int64, device=device)
+        ranks = torch.tensor([ranks_list], dtype=torch.int64, device=device)
         masks = ops.build_tree(parents, 0)  # the op's mask and depths: plan time only, never per step
         depth_list = masks.depth[0].tolist()
-        levels, parent_in_level, children_needed = [], [None], [None]
+        has_children = set(parents_list[1:])
+        levels, expanded, parent_in_level, children_needed = [], [], [None], [None]
         for d in range(spec.depth + 1):
             members = [i for i, n in enumerate(depth_list) if n == d]
             if members != list(range(members[0], members[-1] + 1)):
                 raise ValueError(f"tree nodes of depth {d} are not contiguous: {members}")  # TreeSpec sorts them
             levels.append((members[0], members[-1] + 1))
-        parents_list, ranks_list = spec.parents(), spec.ranks()
+            expanded.append([i for i in members if i in has_children])
         for d in range(1, spec.depth + 1):
             start, end = levels[d]
-            previous = levels[d - 1][0]
-            parent_in_level.append(torch.tensor([parents_list[i] - previous for i in range(start, end)],
+            above = expanded[d - 1]
+            parent_in_level.append(torch.tensor([above.index(parents_list[i]) for i in range(start, end)],
                                                 dtype=torch.int64, device=device))
             children_needed.append(max(ranks_list[start:end]) + 1)
-        drafted = torch.tensor([[i if depth_list[i] < spec.depth else -1 for i in range(len(depth_list))]],
+        # Node i sits at offset i of the drafter's tree region when the drafter runs it; leaves never run.
+        drafted = torch.tensor([[i if i == 0 or i in has_children else -1 for i in range(len(depth_list))]],
                                dtype=torch.int64, device=device)
-        return cls(len(depth_list), spec.depth, parents.expand(batch, -1).contiguous(), masks.depth, ranks, additive(masks.mask[:, 0], dtype),
-                   tuple(levels), tuple(parent_in_level), tuple(children_needed), drafted)
+        expanded = tuple(torch.tensor(nodes, dtype=torch.int64, device=device) for nodes in expanded)
+        return cls(len(depth_list), spec.depth, parents.expand(batch, -1).contiguous(), masks.depth, ranks,
+                   additive(masks.mask[:, 0], dtype), tuple(levels), expanded, tuple(parent_in_level),
+                   tuple(children_needed), drafted)

@@ -7,9 +7,10 @@ three are measured here:
   acceptance  a short greedy decode of calibration prompts with a "comb" tree (ranks 0 .. R-1 at every depth
               along the drafter's top-1 spine) gives q[d][r] = P(the verifier's token at depth d + 1 is the
               drafter's rank-r candidate | the path down to depth d was accepted);
-  costs       one verifier forward (and its logits and verification) per node count 1 .. max_nodes, the
-              drafter's root forward and one level forward per width, each timed on the real runners, plus
-              the per-step bookkeeping of the calibration decode.
+  costs       one verifier forward and its logits per node count 1 .. max_nodes, the drafter's root forward
+              and one level forward per width (forward, adapter, scores, top-k), and the bookkeeping around
+              them (verification, compaction, the read-back), each timed on the real runners (waiting for the
+              GPU on CUDA).
 
 A static tree then emits E = 1 + sum over its draft nodes of the product of q along the node's path tokens per
 step (one child at most matches the verifier's token, so sibling events are disjoint), at a cost of root +
@@ -71,8 +72,7 @@ class StepCosts:
     overhead_s: float  # the rest of a step: compaction, the read-back, emission
 
     def step_s(self, tree: TreeSpec) -> float:
-        widths = _level_widths(tree)
-        drafted = sum(self._level(w) for w in widths[1:-1])  # levels 1 .. depth-1 run; the last never does
+        drafted = sum(self._level(w) for w in _expanded_widths(tree))
         return self.root_s + drafted + self._verify(tree.num_nodes) + self.overhead_s
 
     def _verify(self, nodes: int) -> float:
@@ -86,11 +86,10 @@ class StepCosts:
         return self.level_s[max(self.level_s)] * width / max(self.level_s)
 
 
-def _level_widths(tree: TreeSpec) -> list:
-    widths = [1] + [0] * tree.depth
-    for path in tree.choices:
-        widths[len(path)] += 1
-    return widths
+def _expanded_widths(tree: TreeSpec) -> list:
+    """How many nodes of each depth 1 .. depth-1 have children: the widths of the drafter's level forwards."""
+    parents = {path[:-1] for path in tree.choices if len(path) > 1}
+    return [sum(1 for p in parents if len(p) == d) for d in range(1, tree.depth)]
 
 
 @dataclass
@@ -147,12 +146,18 @@ def best_tree(acceptance: Acceptance, costs: StepCosts, max_nodes: int, max_dept
     return best
 
 
-def _median_s(fn, reps: int) -> float:
-    fn()
+def _median_s(fn, reps: int, device) -> float:
+    """Median wall time of fn; on CUDA each sample waits for the GPU, so it is the GPU-inclusive time."""
+    def run():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
-        fn()
+        run()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -164,33 +169,55 @@ def measure_costs(decoder, input_ids: torch.Tensor, max_nodes: int, max_width: i
         return _measure_costs(decoder, input_ids, max_nodes, max_width, reps)
 
 
+def _star(nodes: int, root: torch.Tensor, dtype):
+    """A Draft of `nodes` nodes, every draft a child of the root: the same shapes and work as any tree of this size."""
+    from sdalign_rt.drafter import Draft
+    from sdalign_rt.kv_cache import additive
+
+    device = root.device
+    parents = torch.zeros(1, nodes, dtype=torch.long, device=device)
+    parents[0, 0] = -1
+    visible = torch.eye(nodes, dtype=torch.bool, device=device)[None]
+    visible[..., 0] = True
+    depths = (parents >= 0).long()
+    return Draft(root[:, None].expand(1, nodes).clone(), parents, additive(visible, dtype), depths, depths - 1,
+                 torch.arange(nodes, device=device)[None])  # token values do not change the cost
+
+
 def _measure_costs(decoder, input_ids, max_nodes, max_width, reps) -> StepCosts:
     from sdalign_rt.decoder import _Sampling
-    from sdalign_rt.drafter import Draft
     from sdalign_rt.kv_cache import additive
 
     mask = torch.ones_like(input_ids)
     region = max(max_nodes, max_width + 1, decoder.drafter.tree_region) + 2
     workspace = decoder._get_workspace(1, input_ids.shape[1] + region + 2, input_ids.shape[1] + region + 2)
     verifier, drafter = workspace.verifier, decoder.drafter
-    device, dtype = input_ids.device, verifier.cache.dtype
+    cache, device, dtype = verifier.cache, input_ids.device, verifier.cache.dtype
     last = verifier.prefill(input_ids, mask)
-    state = drafter.begin(workspace.drafter, workspace.shared, drafter.draft_ids(input_ids), mask)
+    state = drafter.begin(workspace.drafter, input_ids, mask)
     state.context = last
     root = verifier.logits(last).argmax(-1)
-    sampling = _Sampling(decoder.mode, {}, None)
+
+    def verify_forward(draft):
+        slots = cache.lengths[:, None] + torch.arange(draft.tokens.shape[1], device=device)[None]
+        hidden = verifier.forward(verifier.embed(draft.tokens), cache.next_positions()[:, None] + draft.depths, slots,
+                                  cache.attention_bias(draft.block, cache.lengths))
+        return verifier.logits(hidden)
+
     verify_s = {}
     for nodes in range(1, max_nodes + 1):
-        # A star (every draft a child of the root): verification at depth 1, the same shapes and work as any
-        # tree of this size.
-        parents = torch.zeros(1, nodes, dtype=torch.long, device=device)
-        parents[0, 0] = -1
-        visible = torch.eye(nodes, dtype=torch.bool, device=device)[None]
-        visible[..., 0] = True
-        depths = (parents >= 0).long()
-        draft = Draft(root[:, None].expand(1, nodes).clone(), parents, additive(visible, dtype), depths, depths - 1,
-                      torch.arange(nodes, device=device)[None])  # token values do not change the cost
-        verify_s[nodes] = _median_s(lambda: decoder._verify(verifier, draft, sampling), reps)
+        draft = _star(nodes, root, dtype)
+        verify_s[nodes] = _median_s(lambda: verify_forward(draft), reps, device)
+    # Bookkeeping: verification, compaction, the read-back; a finished row (live 0) keeps the caches as they are.
+    sampling = _Sampling(decoder.mode, {}, None)
+    frozen = torch.zeros(1, dtype=torch.long, device=device)
+    draft = _star(min(4, max_nodes), root, dtype)
+
+    def whole_step():
+        outcome, _ = decoder._verify(verifier, draft, sampling)
+        decoder._accept(workspace, state, draft, outcome, frozen)[0].tolist()
+
+    overhead_s = max(_median_s(whole_step, reps, device) - verify_s[draft.tokens.shape[1]], 0.0)
 
     def root_step():
         return drafter.scores(drafter.states(drafter._root_forward(state, root), state.context)).topk(4, dim=-1)
@@ -206,8 +233,8 @@ def _measure_costs(decoder, input_ids, max_nodes, max_width, reps) -> StepCosts:
             hidden = drafter._level_forward(state, tokens, 1, offsets, block)
             return drafter.scores(drafter.states(hidden, context)).topk(4, dim=-1)
 
-        level_s[width] = _median_s(level_step, reps)
-    return StepCosts(verify_s, _median_s(root_step, reps), level_s, 0.0)
+        level_s[width] = _median_s(level_step, reps, device)
+    return StepCosts(verify_s, _median_s(root_step, reps, device), level_s, overhead_s)
 
 
 def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int | None = None, vocab_map=None,
@@ -223,20 +250,16 @@ def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int |
     kwargs = dict(adapter=adapter, draft_layers=draft_layers, vocab_map=vocab_map, lean=lean)
     comb = SpeculativeDecoder(target, draft, tree=comb_tree(max_depth, ranks), **kwargs)
     totals = {"accepted_by_depth_rank": [{} for _ in range(max_depth)], "row_steps": 0}
-    bookkeeping, steps = 0.0, 0
     for ids in tqdm(prompts, desc="calibrate acceptance", unit="prompt", disable=not progress):
         stats = comb.generate(ids, new_tokens, attention_mask=torch.ones_like(ids)).stats
         totals["row_steps"] += stats["row_steps"]
         for mine, theirs in zip(totals["accepted_by_depth_rank"], stats["accepted_by_depth_rank"]):
             for rank, count in theirs.items():
                 mine[rank] = mine.get(rank, 0) + count
-        bookkeeping += stats["timings"]["bookkeeping_s"]
-        steps += stats["steps"]
     acceptance = Acceptance.from_comb_stats(totals, ranks)
     del comb
     timer = SpeculativeDecoder(target, draft, tree=TreeSpec.chain(1), **kwargs)
     costs = measure_costs(timer, prompts[0], max_nodes, max_nodes, reps)
-    costs.overhead_s = bookkeeping / max(steps, 1)
     planned = best_tree(acceptance, costs, max_nodes, max_depth)
     measured = SpeculativeDecoder(target, draft, tree=planned.tree, **kwargs)
     measured.generate(prompts[0], 8)

@@ -61,6 +61,14 @@ def test_training_with_context_learns_from_it():
         _, log = ta.train_adapter(rows, config, progress=False)
         losses[use] = log["best_val_loss"]
     assert losses[True] < 0.5 * losses[False]
+    rows["sample"] = torch.arange(600) // 10  # 60 "samples" of 10 consecutive rows
+    _, log = ta.train_adapter(rows, ta.TrainConfig(bottleneck=32, epochs=10, lr=3e-3, batch_size=32, context=True,
+                                                   self_context=0.5),
+                              progress=False)
+    assert log["best_val_loss"] < log["initial_val_loss"]
+    with pytest.raises(ValueError, match="self_context needs the rows' sample numbers"):
+        ta.train_adapter({k: v for k, v in rows.items() if k != "sample"},
+                         ta.TrainConfig(context=True, self_context=0.5), progress=False)
     with pytest.raises(ValueError, match="needs the rows' context_hidden"):
         ta.train_adapter({k: v for k, v in rows.items() if k != "context_hidden"}, ta.TrainConfig(context=True),
                          progress=False)

@@ -95,7 +95,7 @@ def test_forwards_per_step_have_fixed_widths_and_no_rereads(monkeypatch, tree, s
     assert verify_widths == [spec.num_nodes] * steps
     if spec.is_static:
         plan = decoder._plan(2, "cpu", torch.float32)
-        levels = [plan.levels[d][1] - plan.levels[d][0] for d in range(1, spec.depth)]
+        levels = [len(plan.expanded[d]) for d in range(1, spec.depth)]  # only nodes with children run
     else:
         levels = [spec.top_k] * (spec.depth - 1)
     assert draft_widths == ([1 if shared else 2] + levels) * steps

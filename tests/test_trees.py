@@ -147,6 +147,21 @@ def test_ancestor_closure_matches_build_tree(tree):
     assert torch.equal(mask, expected.mask[:, 0]) and torch.equal(depth, expected.depth)
 
 
-@pytest.mark.parametrize("text", ["chain:3", "static:[[0],[1],[0,0],[0,1,2]]", "dynamic:3,4,10"])
+@pytest.mark.parametrize("text", ["chain:3", "static:[[0],[1],[0,0],[0,0,2]]", "dynamic:3,4,10"])
 def test_text_form_round_trips(text):
     assert str(sd.TreeSpec.parse(text)) == text
+
+
+def test_tree_plan_runs_only_nodes_with_children():
+    """The worked example of tree_plan.py: only the root and node 1 have children, so the drafter runs those two
+    (at offsets 0 and 1 of its tree region); the second-ranked node 2 and the leaf 3 never run."""
+    from sdalign_rt.tree_plan import TreePlan
+
+    plan = TreePlan.build(sd.TreeSpec.static([(0,), (1,), (0, 0)]), "cpu", torch.float32, batch=2)
+    assert plan.levels == ((0, 1), (1, 3), (3, 4)) and plan.depths.tolist() == [[0, 1, 1, 2]]
+    assert [e.tolist() for e in plan.expanded] == [[0], [1], []]
+    assert plan.parent_in_level[1].tolist() == [0, 0] and plan.parent_in_level[2].tolist() == [0]
+    assert plan.children_needed[1:] == (2, 1) and plan.drafter_offsets.tolist() == [[0, 1, -1, -1]]
+    assert plan.parents.tolist() == [[-1, 0, 0, 1]] * 2
+    assert (plan.block[0] == 0).tolist() == [[True, False, False, False], [True, True, False, False],
+                                             [True, False, True, False], [True, True, False, True]]

@@ -46,6 +46,7 @@ class DemoConfig:
     bottleneck: int = 256
     draft_vocab: int = 8192
     context: bool = True  # the adapter also reads the verifier's previous state (EAGLE-style fusion)
+    self_context: float = 0.0  # share of training rows that read the adapter's own prediction of that state
     epochs: int = 30  # early stopping (patience 3) usually ends it sooner
     seed: int = 0
     eval_prompts: int = 6  # how many of the fixed held-out prompts to run
@@ -83,7 +84,8 @@ def _pairs_dir(cache_dir: str, config: DemoConfig, k: int) -> str:
 def _adapter_dir(cache_dir: str, config: DemoConfig, k: int) -> str:
     return os.path.join(cache_dir, f"adapter-k{k}-{config.dtype}-p{len(_train_prompts(config))}-"
                                    f"n{config.train_new_tokens}-r{config.bottleneck}-v{config.draft_vocab}-"
-                                   f"c{int(config.context)}-e{config.epochs}-s{config.seed}")
+                                   f"c{int(config.context)}-e{config.epochs}-s{config.seed}"
+                                   + (f"-sc{config.self_context:g}" if config.self_context else ""))
 
 
 def distilled_rows(model, tokenizer, k: int, cache_dir: str, config: DemoConfig, progress: bool = True) -> dict:
@@ -113,7 +115,8 @@ def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig
             return BottleneckAdapter.from_pretrained(out, dtype=model.dtype), json.load(f)
     rows = distilled_rows(model, tokenizer, k, cache_dir, config, progress)
     train = TrainConfig(bottleneck=config.bottleneck, epochs=config.epochs, ce_weight=1.0, input_norm=True,
-                        draft_vocab=config.draft_vocab, context=config.context, patience=3, seed=config.seed)
+                        draft_vocab=config.draft_vocab, context=config.context, self_context=config.self_context,
+                        patience=3, seed=config.seed)
     adapter, log = train_adapter(rows, train, out_dir=out, lm_head=model.get_output_embeddings(),
                                  norm_init=final_norm(model).weight.detach(), progress=progress)
     held = held_out_rows(rows, train.val_fraction, train.seed)
@@ -132,8 +135,9 @@ def planned_tree(model, tokenizer, adapter, k: int, cache_dir: str, config: Demo
 
     if config.tree != "plan":
         return sd.TreeSpec.parse(config.tree), None
-    path = os.path.join(_adapter_dir(cache_dir, config, k), f"tree_plan-{config.dtype}-t{torch.get_num_threads()}-"
-                                                            f"n{config.plan_max_nodes}-d{config.plan_max_depth}.json")
+    device = model.get_input_embeddings().weight.device.type
+    path = os.path.join(_adapter_dir(cache_dir, config, k), f"tree_plan-{device}-{config.dtype}-"
+                        f"t{torch.get_num_threads()}-n{config.plan_max_nodes}-d{config.plan_max_depth}.json")
     if os.path.isfile(path):
         with open(path) as f:
             report = json.load(f)
@@ -222,7 +226,7 @@ def measure(model, tokenizer, adapter, k: int, tree, config: DemoConfig, progres
     rows = max(stats_sum["row_steps"], 1)
     depth = tree.depth
     hf_token_s = 1.0 / peers["hf_generate"]["tokens_per_s"]
-    draft_token_s = stats_sum["draft_s"] / max(rows * depth, 1)
+    draft_step_s = stats_sum["draft_s"] / max(stats_sum["steps"], 1)
     return {
         "lossless": identical["ours_speculative"],
         "speedup": peers["ours_speculative"]["speedup"],
@@ -234,8 +238,8 @@ def measure(model, tokenizer, adapter, k: int, tree, config: DemoConfig, progres
         "mean_accepted": (stats_sum["accepted"] + rows) / rows,
         "per_position_acceptance": [c / rows for c in stats_sum["per_position"]],
         "draft_layers": k, "num_layers": num_decoder_layers(model), "tree": str(tree),
-        "draft_token_ms": 1e3 * draft_token_s, "verifier_token_ms": 1e3 * hf_token_s,
-        "draft_cost_ratio": draft_token_s / hf_token_s,
+        "draft_ms_per_step": 1e3 * draft_step_s, "verifier_token_ms": 1e3 * hf_token_s,
+        "draft_cost_ratio": draft_step_s / hf_token_s,  # a step's drafting / one HF generate token
         "step_split_ms": {key: 1e3 * stats_sum[key] / max(stats_sum["steps"], 1)
                           for key in ("draft_s", "verify_forward_s", "bookkeeping_s")},
         "bookkeeping_share_of_verify": stats_sum["bookkeeping_s"] / max(stats_sum["verify_forward_s"], 1e-12),
