@@ -303,21 +303,36 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else cpu_name(),
               "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
               "dtype": "bfloat16", "context_tokens": context, "architecture": "SMOKE (toy width)" if args.smoke else "Vicuna-7B (LlamaConfig), random weights"}
-    print("draft cost per token by k ...", flush=True)
-    result["draft_cost"] = draft_costs(model, adapter, context, device, args.quick)
-    print("verify cost by tree size ...", flush=True)
-    result["verify_cost"] = verify_costs(model, context, device, args.quick)
-    print("prefill ...", flush=True)
-    result["prefill"] = prefill_costs(model, device, args.quick, scale_from)
-    print("vision towers ...", flush=True)
-    result["vision"] = vision_costs(device, args.quick, args.smoke)
-    print("decode steps ...", flush=True)
-    result["decode_step"] = decode_steps(model, adapter, args.decode_layers, context, device,
-                                         args.new_tokens or (8 if cpu else 64))
+    os.makedirs(RESULTS, exist_ok=True)
+    out = args.out or os.path.join(RESULTS, f"e2e_{device.type}.json")
+
+    def section(name, what, fn):
+        """Run one part and write the JSON so far: a run cut short keeps what it measured."""
+        print(f"{what} ...", flush=True)
+        start = time.time()
+        try:
+            result[name] = fn()
+        except Exception as exc:  # recorded, and the other parts still run
+            result[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        result.setdefault("section_seconds", {})[name] = time.time() - start
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    new_tokens = args.new_tokens or (8 if cpu else 64)
+    section("draft_cost", "draft cost per token by k", lambda: draft_costs(model, adapter, context, device, args.quick))
+    section("verify_cost", "verify cost by tree size", lambda: verify_costs(model, context, device, args.quick))
+    section("prefill", "prefill", lambda: prefill_costs(model, device, args.quick, scale_from))
+    section("vision", "vision towers", lambda: vision_costs(device, args.quick, args.smoke))
+    section("decode_step", "decode steps", lambda: decode_steps(model, adapter, args.decode_layers, context, device,
+                                                                new_tokens))
     if args.compile:
-        print("decode steps, compiled ...", flush=True)
-        result["decode_step_compiled"] = decode_steps(model, adapter, args.decode_layers, context, device,
-                                                      args.new_tokens or (8 if cpu else 64), compiled=True)
+        section("decode_step_compiled", "decode steps, compiled",
+                lambda: decode_steps(model, adapter, args.decode_layers, context, device, new_tokens, compiled=True))
+    failed = [name for name, value in result.items() if isinstance(value, dict) and "error" in value]
+    if failed:
+        print(f"parts that failed: {failed}", flush=True)
+    if any(name in failed for name in ("draft_cost", "verify_cost", "decode_step")):
+        return 1  # the projection needs these
     verify_one = result["verify_cost"]["1"]["median_ms"]
     result["draft_cost_ratio"] = {k: v["median_ms"] / verify_one for k, v in result["draft_cost"].items()}
     sweep = None
@@ -327,8 +342,6 @@ def main(argv=None) -> int:
         result["sweep_source"] = os.path.relpath(args.sweep, os.path.dirname(RESULTS))
     result["projected_speedup"] = projections(result, sweep)
     result["seconds"] = time.time() - started
-    os.makedirs(RESULTS, exist_ok=True)
-    out = args.out or os.path.join(RESULTS, f"e2e_{device.type}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     plot(result, os.path.splitext(out)[0] + ".png")
@@ -336,7 +349,7 @@ def main(argv=None) -> int:
                       "verify_ms": {n: v["median_ms"] for n, v in result["verify_cost"].items()},
                       "decode_step": result["decode_step"]}, indent=2))
     print(f"wrote {out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

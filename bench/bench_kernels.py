@@ -14,6 +14,7 @@ Triton provider is skipped and the JSON says so.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -36,6 +37,8 @@ LAYERS, HEADS, HEAD_DIM = 32, 32, 128
 DENSE_OPS = ("fused_adapter", "cosine_accept", "adapter_cosine_accept")
 TREE_OPS = ("build_tree", "verify_tree_greedy", "verify_tree_sampling", "kv_compact")
 # Ops whose call has no host sync when given their planned shapes (build_tree: num_leaves / max_depth).
+# Ops whose launcher picks a decode-size split path by row count; "triton_fused" forces the one-launch path.
+SPLIT_OPS = ("fused_adapter", "adapter_cosine_accept")
 GRAPHABLE = {"fused_adapter", "cosine_accept", "adapter_cosine_accept", "build_tree", "verify_tree_greedy",
              "kv_compact"}
 
@@ -111,6 +114,8 @@ def providers_for(op: str, device: torch.device, use_compile: bool) -> list[str]
         names.append("triton")
         if op in GRAPHABLE:
             names.append("triton+graph")
+        if op in SPLIT_OPS:  # the one-launch path at every size, beside the dispatcher's choice
+            names.append("triton_fused")
     elif op in TREE_OPS and _ext.cpp_available():
         names.append("cpp")
     if use_compile and op in DENSE_OPS:
@@ -126,6 +131,9 @@ def make_call(op, provider, args, kwargs):
         torch._dynamo.reset()  # each case compiles afresh: no recompile-limit fallback to eager
         fn = torch.compile(REFERENCE_FN[op], dynamic=False)
         return lambda: fn(*args)
+    if provider == "triton_fused":
+        launch = getattr(importlib.import_module(f"sdalign_rt.kernels.{op}"), op)
+        return lambda: launch(*args, split=False)
     public = getattr(sd.ops, op)
     backend = "cpp" if provider == "cpp" else "triton"
 
@@ -164,15 +172,15 @@ def metadata(device: torch.device, dtype: torch.dtype) -> dict:
     return meta
 
 
-def cases(quick: bool):
+def cases(quick: bool, batches=(1, 8)):
     positions = (1, 16, 64) if quick else (1, 5, 16, 64)
     trees = (8, 64) if quick else (8, 32, 64)
     for op in DENSE_OPS:
-        for batch in (1, 8):
+        for batch in batches:
             for t in positions:
                 yield op, batch, t, f"B{batch} T{t}"
     for op in TREE_OPS:
-        for batch in (1, 8):
+        for batch in batches:
             for n in trees:
                 yield op, batch, n, f"B{batch} N{n}"
 
@@ -187,6 +195,7 @@ def main(argv=None) -> int:
                         help="also time torch.compile of the reference (default on GPU only)")
     parser.add_argument("--no-compile", dest="use_compile", action="store_false")
     parser.add_argument("--ops", nargs="*", default=None, help="only these ops")
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 8], help="batch sizes (default 1 8)")
     parser.add_argument("--out", default=None, help="output JSON (default bench/results/kernels_<device>.json)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the output JSON")
     args = parser.parse_args(argv)
@@ -208,7 +217,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         print(meta["notes"])
 
-    todo = [c for c in cases(args.quick) if args.ops is None or c[0] in args.ops]
+    todo = [c for c in cases(args.quick, args.batches) if args.ops is None or c[0] in args.ops]
     for op, batch, size, label in tqdm(todo, desc="bench_kernels", unit="case"):
         providers = [p for p in providers_for(op, device, use_compile) if (op, label, p) not in done]
         if not providers:

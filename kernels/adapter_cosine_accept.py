@@ -4,14 +4,18 @@ verifier's, in one launch.
 One program per batch row: for each tile of positions it builds the bottleneck activation in registers,
 writes each adapted chunk once (it is what the verifier's LM head reads next), and folds that same chunk,
 rounded to the output dtype exactly as stored, into the cosine sums.
+
+Decode sizes (B x T <= SPLIT_MAX_ROWS): one program per batch row would stream all the adapter's weights
+through one SM, so the adapter runs split over the chip (fused_adapter's decode path) and cosine_accept reads
+the adapted states back (tiny, and still in L2): three launches, each weight byte read once.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import dot_precision, upcast_dot_operands
-from .cosine_accept import accept_epilogue, accept_outputs, accumulate_cosine_sums
-from .fused_adapter import adapter_blocks, adapter_output_chunk, bottleneck_activation
+from .cosine_accept import accept_epilogue, accept_outputs, accumulate_cosine_sums, cosine_accept
+from .fused_adapter import adapter_blocks, adapter_output_chunk, bottleneck_activation, split_adapter, use_split
 
 
 @triton.jit
@@ -34,7 +38,7 @@ def _adapter_cosine_accept_kernel(
         ts = t0 + tl.arange(0, BLOCK_M)
         t_mask = ts < T
         h = bottleneck_activation(a_row, stride_at, stride_ad, ts, t_mask, wd_ptr, stride_wdr, stride_wdd,
-                                  bd_ptr, D, R, HAS_BD, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION, UPCAST)
+                                  bd_ptr, D, R, 0, HAS_BD, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION, UPCAST)
         h = h.to(wu_ptr.dtype.element_ty)
         dot = tl.zeros([BLOCK_M], dtype=tl.float32)
         sq_a = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -56,13 +60,19 @@ def _adapter_cosine_accept_kernel(
     tl.store(n_accept_ptr + batch, run_end if CONSECUTIVE else count)
 
 
-def adapter_cosine_accept(a, b, w_down, b_down, w_up, b_up, threshold: float, mode: str):
-    """Launch on validated input: a, b [B, T, D] (any strides), weights [R, D] / [D, R]."""
+def adapter_cosine_accept(a, b, w_down, b_down, w_up, b_up, threshold: float, mode: str,
+                          split: bool | None = None):
+    """Launch on validated input: a, b [B, T, D] (any strides), weights [R, D] / [D, R]. split: the decode-size
+    path (None: by row count)."""
     batch, positions, hidden = a.shape
     adapted = torch.empty(batch, positions, hidden, dtype=a.dtype, device=a.device)
-    sims, accept, n_accept = accept_outputs(batch, positions, a.device)
     if positions == 0:
+        sims, accept, n_accept = accept_outputs(batch, positions, a.device)
         return adapted, sims, accept, n_accept.zero_()
+    if use_split(batch * positions, split):
+        split_adapter(a.reshape(-1, hidden), w_down, b_down, w_up, b_up, adapted.view(-1, hidden))
+        return (adapted, *cosine_accept(adapted, b, threshold, mode))
+    sims, accept, n_accept = accept_outputs(batch, positions, a.device)
     blocks = adapter_blocks(positions, w_down.shape[0])
     _adapter_cosine_accept_kernel[(batch,)](
         a, b, w_down, b_down if b_down is not None else w_down, w_up, b_up if b_up is not None else w_up,

@@ -65,6 +65,7 @@ class ModelRunner:
         forward_class = LeanLlamaForward if self.lean else TransformersForward
         self._forward = forward_class(model.get_decoder(), cache, num_layers)
         self._run = self._forward  # the call itself (replaced by its compiled version)
+        self._graphed = False  # CUDA graphs: a replay overwrites the previous replay's output
         self.position_limit = learned_position_limit(model)
 
     @torch.no_grad()
@@ -78,12 +79,16 @@ class ModelRunner:
         for buffer in self.cache.buffers:
             torch._dynamo.mark_static_address(buffer)
         self._run = torch.compile(self._forward, mode="reduce-overhead" if cuda else None, dynamic=False)
+        self._graphed = cuda
 
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 bias: torch.Tensor) -> torch.Tensor:
+        hidden = self._run(embeds, self._clamp(positions), slots, bias)
+        if self._graphed:  # the drafter keeps a level's states while the same graph runs the next level
+            hidden = hidden.clone()
         # Back to where the bookkeeping lives (a model split over devices ends on its last one).
-        return self._run(embeds, self._clamp(positions), slots, bias).to(self.cache.device)
+        return hidden.to(self.cache.device)
 
     def _clamp(self, positions: torch.Tensor) -> torch.Tensor:
         if self.position_limit is None:

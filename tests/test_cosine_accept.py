@@ -141,3 +141,20 @@ def test_value_checks_can_be_turned_off(backend, device):
         with pytest.raises(ValueError, match="b must have shape"):
             sd.ops.cosine_accept(a, b[:, :1], 0.5)
     assert torch.isnan(sims[0, 0]) and not bool(accept[0, 0]) and n.tolist() == [1]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])
+@pytest.mark.parametrize("batch,positions,hidden,bottleneck", [(1, 5, 4096, 256), (3, 20, 80, 40), (2, 70, 64, 16)])
+def test_adapter_cosine_both_launch_paths(device, split, batch, positions, hidden, bottleneck):
+    """One fused launch per batch row, or the decode-size split adapter + cosine_accept: the same outputs."""
+    if "triton" not in sd.ops.available_backends(device):
+        pytest.skip("triton backend not available")
+    from sdalign_rt.kernels.adapter_cosine_accept import adapter_cosine_accept as launch
+
+    a, b = correlated_pair(batch, positions, hidden, torch.bfloat16, positions, noise=1.0)
+    a, b = a.to(device), b.to(device)
+    weights = [w.to(device) for w in adapter_weights(hidden, bottleneck, torch.bfloat16, 3)]
+    adapted, *accept_out = launch(a, b, *weights, 0.5, "consecutive", split=split)
+    torch.testing.assert_close(adapted.float(), reference.fused_adapter(a, *weights).float(),
+                               **TOLERANCE[torch.bfloat16])
+    assert_accept_matches(accept_out, reference.cosine_accept(adapted, b, 0.5, "consecutive"), 0.5, "consecutive")

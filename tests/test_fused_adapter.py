@@ -113,3 +113,21 @@ def test_triton_limits_are_explicit(device):
     weights = [w.to(device) for w in adapter_weights(32, 1024, torch.float32, 0)]
     with sd.ops.use_backend("triton"), pytest.raises(ValueError, match="bottleneck 1024 > 512"):
         sd.ops.fused_adapter(x, *weights)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])
+@pytest.mark.parametrize("rows,hidden,bottleneck,dtype", [
+    (1, 4096, 256, torch.bfloat16), (37, 4096, 256, torch.float32), (3, 100, 24, torch.float32),
+    (5, 64, 512, torch.float16), (200, 48, 100, torch.bfloat16),
+])
+def test_both_launch_paths(device, split, rows, hidden, bottleneck, dtype):
+    """The kernel's two paths (one program per row block; decode-size split over the bottleneck and the output
+    columns) each match the reference, whichever the row count would pick."""
+    if "triton" not in sd.ops.available_backends(device):
+        pytest.skip("triton backend not available")
+    from sdalign_rt.kernels.fused_adapter import fused_adapter as launch
+
+    x = strided(hidden_states((rows, hidden), dtype, rows), "transposed").to(device)
+    weights = [w.to(device) for w in adapter_weights(hidden, bottleneck, dtype, 5)]
+    out = launch(x, *weights, split=split)
+    torch.testing.assert_close(out.float(), reference.fused_adapter(x, *weights).float(), **TOLERANCE[dtype])
