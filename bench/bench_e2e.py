@@ -290,6 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also the decode step with compiled forwards")
     parser.add_argument("--smoke", action="store_true", help="toy widths (a test of this script, not a benchmark)")
+    parser.add_argument("--parts", nargs="*", default=None, help="only these parts (e.g. decode_step "
+                        "decode_step_compiled); no projection then")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -308,6 +310,8 @@ def main(argv=None) -> int:
 
     def section(name, what, fn):
         """Run one part and write the JSON so far: a run cut short keeps what it measured."""
+        if args.parts is not None and name not in args.parts:
+            return
         print(f"{what} ...", flush=True)
         start = time.time()
         try:
@@ -329,6 +333,9 @@ def main(argv=None) -> int:
         section("decode_step_compiled", "decode steps, compiled",
                 lambda: decode_steps(model, adapter, args.decode_layers, context, device, new_tokens, compiled=True))
     failed = [name for name, value in result.items() if isinstance(value, dict) and "error" in value]
+    if args.parts is not None:
+        print(json.dumps({part: result.get(part) for part in args.parts}, indent=2))
+        return 1 if failed else 0
     if failed:
         print(f"parts that failed: {failed}", flush=True)
     if any(name in failed for name in ("draft_cost", "verify_cost", "decode_step")):

@@ -115,7 +115,7 @@ def providers_for(op: str, device: torch.device, use_compile: bool) -> list[str]
         if op in GRAPHABLE:
             names.append("triton+graph")
         if op in SPLIT_OPS:  # the one-launch path at every size, beside the dispatcher's choice
-            names.append("triton_fused")
+            names += ["triton_fused", "triton_fused+graph"]
     elif op in TREE_OPS and _ext.cpp_available():
         names.append("cpp")
     if use_compile and op in DENSE_OPS:
@@ -131,9 +131,10 @@ def make_call(op, provider, args, kwargs):
         torch._dynamo.reset()  # each case compiles afresh: no recompile-limit fallback to eager
         fn = torch.compile(REFERENCE_FN[op], dynamic=False)
         return lambda: fn(*args)
-    if provider == "triton_fused":
+    if provider.startswith("triton_fused"):
         launch = getattr(importlib.import_module(f"sdalign_rt.kernels.{op}"), op)
-        return lambda: launch(*args, split=False)
+        fused = lambda: launch(*args, split=False)  # noqa: E731
+        return timing.cuda_graph(fused) if provider.endswith("+graph") else fused
     public = getattr(sd.ops, op)
     backend = "cpp" if provider == "cpp" else "triton"
 
@@ -195,6 +196,7 @@ def main(argv=None) -> int:
                         help="also time torch.compile of the reference (default on GPU only)")
     parser.add_argument("--no-compile", dest="use_compile", action="store_false")
     parser.add_argument("--ops", nargs="*", default=None, help="only these ops")
+    parser.add_argument("--providers", nargs="*", default=None, help="only these providers")
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8], help="batch sizes (default 1 8)")
     parser.add_argument("--out", default=None, help="output JSON (default bench/results/kernels_<device>.json)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the output JSON")
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
 
     todo = [c for c in cases(args.quick, args.batches) if args.ops is None or c[0] in args.ops]
     for op, batch, size, label in tqdm(todo, desc="bench_kernels", unit="case"):
-        providers = [p for p in providers_for(op, device, use_compile) if (op, label, p) not in done]
+        providers = [p for p in providers_for(op, device, use_compile) if (op, label, p) not in done
+                     and (args.providers is None or p in args.providers)]
         if not providers:
             continue
         build = dense_case if op in DENSE_OPS else tree_case

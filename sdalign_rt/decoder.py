@@ -227,7 +227,8 @@ class SpeculativeDecoder:
             drafter_state = self.drafter.begin(workspace.drafter, draft_input_ids, draft_attention_mask, draft_inputs)
             drafter_state.context = last  # the verifier's state at the last prompt token
             root = sampling.first_token(logits)
-            first = torch.cat([root[:, None], _nonfinite(logits[:, None])[:, None]], dim=1).tolist()  # prefill sync
+            nonfinite = _nonfinite(logits[:, None], logits.argmax(-1)[:, None])
+            first = torch.cat([root[:, None], nonfinite[:, None]], dim=1).tolist()  # prefill sync
             _raise_if_nonfinite([row[1] for row in first], "the prefill")
             generated = [[row[0]] for row in first]
             finished = [self._ends(row, max_new_tokens) for row in generated]
@@ -291,7 +292,7 @@ class SpeculativeDecoder:
         last = accept_nodes.gather(1, (accept_len - 1)[:, None])
         # The verifier's state at the last accepted node: the next root's context (context-reading adapters).
         context = hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))[:, 0]
-        return _Outcome(accept_nodes, accept_len, bonus, mismatches, _nonfinite(logits), context), forward_s
+        return _Outcome(accept_nodes, accept_len, bonus, mismatches, _nonfinite(logits, argmax), context), forward_s
 
     def _verify_features(self, draft: Draft, parents, target_hidden, target_argmax):
         """Relaxed acceptance (see feature_path): the cosine of each node's drafting state (adapted when aligned,
@@ -469,9 +470,10 @@ class _Sampling:
         return torch.rand(shape, generator=self.generator, device=device)
 
 
-def _nonfinite(logits: torch.Tensor) -> torch.Tensor:
-    """[B] bool: any node's logits hold nan or +inf (amax propagates nan), without a host sync."""
-    return ~torch.isfinite(logits.amax(-1)).all(-1)
+def _nonfinite(logits: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+    """[B] bool: any node's logits [B, N, V] hold nan or +inf, without a host sync or a second pass over them:
+    argmax (already computed) points at a nan or +inf wherever a row holds one (torch's max propagates nan)."""
+    return ~torch.isfinite(logits.gather(-1, argmax[..., None])).all(-2)[:, 0]
 
 
 def _raise_if_nonfinite(flags: list, where: str) -> None:

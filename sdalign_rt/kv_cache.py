@@ -64,6 +64,11 @@ class StaticKVCache:
     def scratch_slot(self) -> int:
         return self.capacity - 1
 
+    def static_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a compiled forward writes in place: the buffers and the per-layer views made of them
+        (a view is its own tensor to torch.compile, so marking the base alone leaves CUDA graphs off)."""
+        return [*self.buffers, *(t for pair in self._views for t in pair)]
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of one layer: [B, H, capacity, Dh] views of its buffer."""
         return self._views[index]

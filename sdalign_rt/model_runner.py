@@ -76,8 +76,8 @@ class ModelRunner:
         """torch.compile the forward (fixed shapes: one graph per width). On CUDA mode "reduce-overhead"
         replays CUDA graphs; the cache buffers are marked static so the graphs write them in place."""
         cuda = self.cache.device.type == "cuda"
-        for buffer in self.cache.buffers:
-            torch._dynamo.mark_static_address(buffer)
+        for tensor in self.cache.static_tensors():
+            torch._dynamo.mark_static_address(tensor)
         self._run = torch.compile(self._forward, mode="reduce-overhead" if cuda else None, dynamic=False)
         self._graphed = cuda
 

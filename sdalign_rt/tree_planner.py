@@ -15,8 +15,11 @@ three are measured here:
 A static tree then emits E = 1 + sum over its draft nodes of the product of q along the node's path tokens per
 step (one child at most matches the verifier's token, so sibling events are disjoint), at a cost of root +
 sum of its drafted levels + verify(N) + bookkeeping. For every depth limit the best N-node trees are the N
-nodes of largest path probability (a prefix-closed set, since probabilities only shrink down a path); the
-plan is the one of highest E / cost.
+nodes of largest path probability (a prefix-closed set, since probabilities only shrink down a path). That
+cost model ranks every tree; its best few (and the one-draft chain) are then timed in real decoding steps on
+the calibration prompts, interleaved over rounds, and the plan is the one of highest E / in-loop step time
+(the parts timed apart were a third off the loop on a 2-core CPU: the verifier's and the drafter's weights
+evict each other from the caches in a real step).
 """
 from __future__ import annotations
 
@@ -135,8 +138,8 @@ def best_tree(acceptance: Acceptance, costs: StepCosts, max_nodes: int, max_dept
                 break
             tree = TreeSpec.static(paths)
             expected, step = acceptance.expected_tokens(tree), costs.step_s(tree)
-            weighed.append({"nodes": drafts + 1, "max_depth": depth, "expected_tokens": expected,
-                            "predicted_tokens_per_s": expected / step})
+            weighed.append({"nodes": drafts + 1, "max_depth": depth, "choices": [list(p) for p in paths],
+                            "expected_tokens": expected, "predicted_tokens_per_s": expected / step})
             if best is None or expected / step > best.predicted_tokens_per_s:
                 best = PlannedTree(tree, expected, step, expected / step)
     if best is None:  # nothing is ever accepted: the cheapest tree
@@ -144,6 +147,45 @@ def best_tree(acceptance: Acceptance, costs: StepCosts, max_nodes: int, max_dept
         best = PlannedTree(tree, 1.0, costs.step_s(tree), 1.0 / costs.step_s(tree))
     best.candidates = weighed
     return best
+
+
+def refine_in_loop(modelled: PlannedTree, acceptance: Acceptance, prompts: list, finalists: int, make_decoder,
+                   new_tokens: int, rounds: int = 3) -> tuple[PlannedTree, list]:
+    """Time the cost model's `finalists` best distinct trees (and the one-draft chain) in real decoding steps on
+    the calibration prompts, and keep the one of most expected tokens per in-loop second. Parts timed apart
+    miss what a step does to them together (the drafter's and the verifier's weights evicting each other from
+    the caches; on a small CPU the part timings alone were off by a third); a step's own clocks are not.
+    A tree's step time is the generate stats' draft + verify + bookkeeping per step (prefill excluded; each
+    step ends in its read-back, so on a GPU it includes the device's time), the median over `rounds` rounds
+    that visit every tree in turn, so a burst of noise on a shared machine hits one sample, not one tree."""
+    ranked = sorted(modelled.candidates, key=lambda c: -c["predicted_tokens_per_s"])
+    trees, seen = [], set()
+    for candidate in [{"choices": [[0]]}] + ranked:
+        key = str(candidate.get("choices"))
+        if key not in seen:
+            seen.add(key)
+            trees.append(TreeSpec.static(candidate["choices"]))
+        if len(trees) > finalists:
+            break
+    decoders = [make_decoder(tree) for tree in trees]
+    for decoder in decoders:
+        decoder.generate(prompts[0], 4)  # warm-up: caches, plan
+    samples = [[] for _ in trees]
+    for round_index in range(rounds):
+        ids = prompts[round_index % len(prompts)]
+        for decoder, times in zip(decoders, samples):
+            stats = decoder.generate(ids, new_tokens, attention_mask=torch.ones_like(ids)).stats
+            spent = sum(stats["timings"][part] for part in ("draft_s", "verify_forward_s", "bookkeeping_s"))
+            times.append(spent / max(stats["steps"], 1))
+    rows, best = [], None
+    for tree, times in zip(trees, samples):
+        step = statistics.median(times)
+        expected = acceptance.expected_tokens(tree)
+        rows.append({"tree": str(tree), "nodes": tree.num_nodes, "expected_tokens": expected, "step_ms": 1e3 * step,
+                     "step_ms_by_round": [1e3 * t for t in times], "predicted_tokens_per_s": expected / step})
+        if best is None or expected / step > best.predicted_tokens_per_s:
+            best = PlannedTree(tree, expected, step, expected / step, modelled.candidates)
+    return best, rows
 
 
 def _median_s(fn, reps: int, device) -> float:
@@ -239,10 +281,11 @@ def _measure_costs(decoder, input_ids, max_nodes, max_width, reps) -> StepCosts:
 
 def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int | None = None, vocab_map=None,
               max_nodes: int = 16, max_depth: int = 6, ranks: int = 4, new_tokens: int = 48, reps: int = 5,
-              lean: bool | None = None, progress: bool = True) -> tuple[PlannedTree, dict]:
+              finalists: int = 5, lean: bool | None = None, progress: bool = True) -> tuple[PlannedTree, dict]:
     """Calibrate acceptance on `prompts` ([1, P] id tensors, not the evaluation prompts), time the step's
-    parts, and return the best static tree with a report: q, the costs, every tree weighed, and the chosen
-    tree's measured tokens/s on the calibration prompts next to its prediction."""
+    parts, rank every tree by the cost model, time the `finalists` best of them in the loop itself, and return
+    the best with a report: q, the costs, every tree weighed, the in-loop step times, and the chosen tree's
+    measured tokens/s on the calibration prompts next to its prediction."""
     from tqdm import tqdm
 
     from sdalign_rt.decoder import SpeculativeDecoder
@@ -260,7 +303,9 @@ def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int |
     del comb
     timer = SpeculativeDecoder(target, draft, tree=TreeSpec.chain(1), **kwargs)
     costs = measure_costs(timer, prompts[0], max_nodes, max_nodes, reps)
-    planned = best_tree(acceptance, costs, max_nodes, max_depth)
+    modelled = best_tree(acceptance, costs, max_nodes, max_depth)
+    planned, in_loop = refine_in_loop(modelled, acceptance, prompts, finalists,
+                                      lambda tree: SpeculativeDecoder(target, draft, tree=tree, **kwargs), new_tokens)
     measured = SpeculativeDecoder(target, draft, tree=planned.tree, **kwargs)
     measured.generate(prompts[0], 8)
     tokens, seconds = 0, 0.0
@@ -274,5 +319,8 @@ def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int |
                                                                 "comb_depth": max_depth, "comb_ranks": ranks},
               "costs_ms": {"verify": {str(n): 1e3 * s for n, s in costs.verify_s.items()}, "root": 1e3 * costs.root_s,
                            "level": {str(w): 1e3 * s for w, s in costs.level_s.items()},
-                           "overhead": 1e3 * costs.overhead_s}}
+                           "overhead": 1e3 * costs.overhead_s},
+              "cost_model_choice": {"tree": str(modelled.tree), "step_ms": 1e3 * modelled.step_s,
+                                    "predicted_tokens_per_s": modelled.predicted_tokens_per_s},
+              "in_loop": in_loop}
     return planned, report

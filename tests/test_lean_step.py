@@ -1,5 +1,8 @@
 """The lean step: one host read-back per step, fixed forward widths, a drafter that never re-reads, caches that
 equal a plain prefill of the committed tokens, the transformers fallback, and the refusals around them."""
+import copy
+import os
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -8,6 +11,8 @@ pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
 import sdalign_rt as sd  # noqa: E402
+from conftest import DEVICE  # noqa: E402
+from sdalign_rt import _ext  # noqa: E402
 from sdalign_rt.decoder import feature_path  # noqa: E402
 from sdalign_rt.model_runner import ModelRunner, new_cache  # noqa: E402
 from sdalign_rt.models.tiny import finish_random_model  # noqa: E402
@@ -42,23 +47,40 @@ def count_syncs(decoder, ids, mask, new):
     return counter.calls, out
 
 
+def sync_free_backend(device: torch.device):
+    """The backend whose tree ops read nothing back: Triton on a GPU (or under the interpreter), else C++. The
+    reference ops are plain Python over tensors and read values back on purpose (CPU tensors: no device)."""
+    if device.type == "cuda":
+        return "triton"
+    if _ext.cpp_available():
+        return "cpp"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    pytest.skip("no sync-free backend here (no GPU, no C++ extension, no Triton interpreter)")
+
+
 @pytest.mark.parametrize("tree", ["static", "dynamic"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_one_host_sync_per_step(tree, shared):
-    """Two runs that differ only in length: every extra step adds exactly one syncing call (the read-back)."""
-    draft = TARGET if shared else DRAFTS["perturbed"]
-    adapter = sd.BottleneckAdapter(64, 16)
-    decoder = sd.SpeculativeDecoder(target=TARGET, draft=draft, adapter=adapter, tree=TREES[tree],
+    """Two runs that differ only in length: every extra step adds exactly one syncing call (the read-back).
+    On a GPU the models and inputs live on it, so these are real device syncs."""
+    backend = sync_free_backend(DEVICE)
+    target = copy.deepcopy(TARGET).to(DEVICE) if DEVICE.type == "cuda" else TARGET
+    draft = target if shared else copy.deepcopy(DRAFTS["perturbed"]).to(DEVICE)
+    adapter = sd.BottleneckAdapter(64, 16, device=DEVICE)
+    decoder = sd.SpeculativeDecoder(target=target, draft=draft, adapter=adapter, tree=TREES[tree],
                                     draft_layers=1 if shared else None)
-    ids, mask = left_padded_prompts([5, 3], 4)
-    decoder.generate(ids, 4, attention_mask=mask)  # plans the tree and allocates caches: once per decoder
-    short_calls, short = count_syncs(decoder, ids, mask, 5)
-    long_calls, long = count_syncs(decoder, ids, mask, 20)
+    ids, mask = (t.to(DEVICE) for t in left_padded_prompts([5, 3], 4))
+    with sd.ops.use_backend(backend):
+        decoder.generate(ids, 4, attention_mask=mask)  # plans the tree and allocates caches: once per decoder
+        short_calls, short = count_syncs(decoder, ids, mask, 5)
+        long_calls, long = count_syncs(decoder, ids, mask, 20)
     steps = long.stats["steps"] - short.stats["steps"]
     assert steps >= 3
     assert len(long_calls) - len(short_calls) == steps, (short_calls, long_calls)
     assert len(short_calls) <= short.stats["steps"] + 8  # the prefill's few (mask checks, first token) included
-    assert torch.equal(long.sequences, reference(ids, mask, 20))
+    # Lossless against the verifier's own greedy decode on the same device.
+    assert torch.equal(long.sequences, target.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False))
 
 
 class ForwardLog:

@@ -46,6 +46,13 @@ def test_plan_on_a_tiny_pair(tmp_path):
     assert 2 <= planned.tree.num_nodes <= 6 and planned.tree.depth <= 3
     assert report["measured_tokens_per_s"] > 0 and report["plan"]["predicted_tokens_per_s"] > 0
     assert len(report["acceptance"]["q"]) == 3 and set(report["costs_ms"]["verify"]) == {str(n) for n in range(1, 7)}
+    # The finalists (the one-draft chain first) were timed in the loop; the plan is the best of them by those times.
+    in_loop = report["in_loop"]
+    assert in_loop[0]["tree"] == "static:[[0]]" and 2 <= len(in_loop) <= 6
+    assert len({row["tree"] for row in in_loop}) == len(in_loop)
+    best = max(in_loop, key=lambda row: row["predicted_tokens_per_s"])
+    assert best["tree"] == str(planned.tree)
+    assert report["plan"]["predicted_tokens_per_s"] == pytest.approx(best["predicted_tokens_per_s"])
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(report))
     assert sd.TreeSpec.parse(f"static:{path}") == planned.tree
