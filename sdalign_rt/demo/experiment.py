@@ -350,7 +350,9 @@ VARIANTS = (("k=2, 624 prompts", dict(draft_layers=2, train_prompts=624, context
             ("k=2, 936 prompts, context", dict(draft_layers=2, train_prompts=936, context=True)),
             ("k=1, 936 prompts, context", dict(draft_layers=1, train_prompts=936, context=True)),
             ("k=3, 936 prompts, context", dict(draft_layers=3, train_prompts=936, context=True)),
-            ("k=4, 936 prompts, context", dict(draft_layers=4, train_prompts=936, context=True)))
+            ("k=4, 936 prompts, context", dict(draft_layers=4, train_prompts=936, context=True)),
+            ("k=2, 936 prompts, context, self-context 0.5",
+             dict(draft_layers=2, train_prompts=936, context=True, self_context=0.5)))
 
 
 def compare_adapters(config: DemoConfig, variants=VARIANTS, cache_dir: str | None = None, progress: bool = True,
