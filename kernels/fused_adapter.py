@@ -196,11 +196,10 @@ def split_adapter(x2: torch.Tensor, w_down, b_down, w_up, b_up, y: torch.Tensor)
         HAS_BD=b_down is not None, BLOCK_M=blocks["BLOCK_M"], BLOCK_K=128, BLOCK_RS=BLOCK_RS,
         PRECISION=precision, UPCAST=upcast, num_warps=4,
     )
-    block_n = 32 if blocks["BLOCK_R"] > 256 else 64
-    _adapter_up_kernel[(row_blocks, triton.cdiv(hidden, block_n))](
+    _adapter_up_kernel[(row_blocks, triton.cdiv(hidden, blocks["BLOCK_N"]))](
         x2, h, w_up, b_up if b_up is not None else w_up, y,
         rows, hidden, bottleneck,
         x2.stride(0), x2.stride(1), w_up.stride(0), w_up.stride(1), y.stride(0), y.stride(1),
-        HAS_BU=b_up is not None, BLOCK_M=blocks["BLOCK_M"], BLOCK_N=block_n, BLOCK_R=blocks["BLOCK_R"],
+        HAS_BU=b_up is not None, BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_R=blocks["BLOCK_R"],
         PRECISION=precision, UPCAST=upcast, num_warps=8 if blocks["BLOCK_R"] > 256 else 4,
     )

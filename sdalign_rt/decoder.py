@@ -265,14 +265,9 @@ class SpeculativeDecoder:
 
     def _verify(self, verifier: ModelRunner, draft: Draft, sampling: "_Sampling"):
         """One verifier forward over the tree and the acceptance rule. Returns (_Outcome, forward seconds)."""
-        cache = verifier.cache
         tokens = draft.tokens
-        slots = cache.lengths[:, None] + self._node_offsets(tokens)  # node i at length + i
-        positions = cache.next_positions()[:, None] + draft.depths  # e.g. length 7, depths [0, 1, 1, 2] -> [7, 8, 8, 9]
         start = time.perf_counter()
-        hidden = verifier.forward(verifier.embed(tokens), positions, slots, cache.attention_bias(draft.block,
-                                                                                                cache.lengths))
-        logits = verifier.logits(hidden)  # [B, N, V]: every node is checked
+        hidden, logits = self._forward_tree(verifier, draft)
         forward_s = time.perf_counter() - start
         parents = draft.parents.expand(tokens.shape)
         argmax = logits.argmax(-1)
@@ -293,6 +288,15 @@ class SpeculativeDecoder:
         # The verifier's state at the last accepted node: the next root's context (context-reading adapters).
         context = hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))[:, 0]
         return _Outcome(accept_nodes, accept_len, bonus, mismatches, _nonfinite(logits, argmax), context), forward_s
+
+    def _forward_tree(self, verifier: ModelRunner, draft: Draft):
+        """The verifier's forward over the tree at its cache's tree region: (hidden [B, N, D], logits [B, N, V])."""
+        cache = verifier.cache
+        slots = cache.lengths[:, None] + self._node_offsets(draft.tokens)  # node i at length + i
+        positions = cache.next_positions()[:, None] + draft.depths  # e.g. length 7, depths [0, 1, 1, 2] -> [7, 8, 8, 9]
+        hidden = verifier.forward(verifier.embed(draft.tokens), positions, slots,
+                                  cache.attention_bias(draft.block, cache.lengths))
+        return hidden, verifier.logits(hidden)  # every node is checked
 
     def _verify_features(self, draft: Draft, parents, target_hidden, target_argmax):
         """Relaxed acceptance (see feature_path): the cosine of each node's drafting state (adapted when aligned,
@@ -416,12 +420,15 @@ class _Workspace:
     batch: int
     verifier: ModelRunner
     drafter: ModelRunner | None  # None: plain decoding
-    shared: bool  # the drafter reads and writes the verifier's cache (its Drafter decided so)
+
+    @property
+    def shared(self) -> bool:
+        """The drafter reads and writes the verifier's cache (or there is no drafter)."""
+        return self.drafter is None or self.drafter.cache is self.verifier.cache
 
     @classmethod
     def build(cls, decoder: SpeculativeDecoder, batch: int, verifier_slots: int, drafter_slots: int):
-        drafter = decoder.drafter
-        shared = drafter.shares_verifier_cache
+        shared = decoder.drafter.shares_verifier_cache
         if shared:
             verifier_slots = max(verifier_slots, drafter_slots)
         verifier_cache = new_cache(decoder.target, batch, verifier_slots)
@@ -436,7 +443,7 @@ class _Workspace:
             for runner in (verifier, draft_runner):
                 if runner is not None:
                     runner.compile()
-        return cls(batch, verifier, draft_runner, shared)
+        return cls(batch, verifier, draft_runner)
 
     def fits(self, batch: int, verifier_slots: int, drafter_slots: int) -> bool:
         if self.shared:
@@ -473,7 +480,7 @@ class _Sampling:
 def _nonfinite(logits: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
     """[B] bool: any node's logits [B, N, V] hold nan or +inf, without a host sync or a second pass over them:
     argmax (already computed) points at a nan or +inf wherever a row holds one (torch's max propagates nan)."""
-    return ~torch.isfinite(logits.gather(-1, argmax[..., None])).all(-2)[:, 0]
+    return ~torch.isfinite(logits.gather(-1, argmax[..., None])[..., 0]).all(-1)
 
 
 def _raise_if_nonfinite(flags: list, where: str) -> None:

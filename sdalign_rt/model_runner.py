@@ -74,7 +74,8 @@ class ModelRunner:
 
     def compile(self) -> None:
         """torch.compile the forward (fixed shapes: one graph per width). On CUDA mode "reduce-overhead"
-        replays CUDA graphs; the cache buffers are marked static so the graphs write them in place."""
+        replays CUDA graphs; the cache buffers and their per-layer views are marked static so the graphs write
+        them in place, and each output is cloned (the next replay would overwrite it)."""
         cuda = self.cache.device.type == "cuda"
         for tensor in self.cache.static_tensors():
             torch._dynamo.mark_static_address(tensor)

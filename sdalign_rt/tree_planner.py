@@ -234,22 +234,16 @@ def _measure_costs(decoder, input_ids, max_nodes, max_width, reps) -> StepCosts:
     region = max(max_nodes, max_width + 1, decoder.drafter.tree_region) + 2
     workspace = decoder._get_workspace(1, input_ids.shape[1] + region + 2, input_ids.shape[1] + region + 2)
     verifier, drafter = workspace.verifier, decoder.drafter
-    cache, device, dtype = verifier.cache, input_ids.device, verifier.cache.dtype
+    device, dtype = input_ids.device, verifier.cache.dtype
     last = verifier.prefill(input_ids, mask)
     state = drafter.begin(workspace.drafter, input_ids, mask)
     state.context = last
     root = verifier.logits(last).argmax(-1)
 
-    def verify_forward(draft):
-        slots = cache.lengths[:, None] + torch.arange(draft.tokens.shape[1], device=device)[None]
-        hidden = verifier.forward(verifier.embed(draft.tokens), cache.next_positions()[:, None] + draft.depths, slots,
-                                  cache.attention_bias(draft.block, cache.lengths))
-        return verifier.logits(hidden)
-
     verify_s = {}
     for nodes in range(1, max_nodes + 1):
         draft = _star(nodes, root, dtype)
-        verify_s[nodes] = _median_s(lambda: verify_forward(draft), reps, device)
+        verify_s[nodes] = _median_s(lambda: decoder._forward_tree(verifier, draft), reps, device)
     # Bookkeeping: verification, compaction, the read-back; a finished row (live 0) keeps the caches as they are.
     sampling = _Sampling(decoder.mode, {}, None)
     frozen = torch.zeros(1, dtype=torch.long, device=device)
