@@ -14,33 +14,27 @@ read-back leaves the device, so the step's forwards can be compiled and replayed
 """
 from __future__ import annotations
 
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from sdalign_rt import checks, ops
 from sdalign_rt.adapter import BottleneckAdapter
-from sdalign_rt.drafter import Draft, Drafter, DrafterState
-from sdalign_rt.model_runner import (ModelRunner, learned_position_limit, new_cache, text_config,
-                                     uses_lean_forward)
-from sdalign_rt.sampling import check_sampling_args, warped_probs
+from sdalign_rt.decode_step import MODES, DecodeStep, Mode, Sampling, feature_path  # noqa: F401 (re-exported)
+from sdalign_rt.drafter import Drafter
+from sdalign_rt.lean_llama import sliding_window
+from sdalign_rt.model_runner import learned_position_limit, text_config, uses_lean_forward
+from sdalign_rt.sampling import check_sampling_args
 from sdalign_rt.shallow import check_draft_layers
 from sdalign_rt.tree_plan import TreePlan
 from sdalign_rt.trees import TreeSpec
 from sdalign_rt.vocab import VocabMap
-
-
-class Mode(str, Enum):
-    GREEDY = "greedy"  # lossless: token-identical to the verifier's greedy decoding
-    SAMPLE = "sample"  # lossless in distribution
-    FEATURE = "feature"  # relaxed and lossy: cosine of drafter and verifier states
-
-
-MODES = tuple(mode.value for mode in Mode)
+from sdalign_rt.workspace import Workspace, WorkspacePool
 
 
 @dataclass
@@ -74,9 +68,13 @@ class SpeculativeDecoder:
     vocab_map : VocabMap, optional. For pairs whose vocabularies differ (plain drafting).
     lean : None (default) runs LLaMA-family models through the runtime's lean forward and others through
         transformers; False forces the transformers forward; True insists on the lean one.
-    compile : torch.compile the forwards (CUDA: mode "reduce-overhead", i.e. CUDA graphs).
+    compile : torch.compile the forwards (optional, measured; off by default).
+    graphs : None (default) captures each decode step whole as a CUDA graph on CUDA (a failed capture warns
+        and runs eagerly); False keeps steps eager. No effect on the CPU.
 
-    A decoder runs one generate call at a time: it keeps its caches (and compiled graphs) between calls.
+    Threads: several threads may call generate on one decoder at once; each call holds its own workspace
+    (caches, runners, step objects) from a pool, so each gets exactly what it would get alone. Workspaces are
+    kept between calls (with their captured graphs) and reused while batch and capacity fit.
 
     Example (`model` a LlamaForCausalLM, `adapter` trained by `sdalign-rt train-adapter --draft-layers 2`)::
 
@@ -90,7 +88,7 @@ class SpeculativeDecoder:
     def __init__(self, target, draft, adapter: BottleneckAdapter | None = None, mode: str = "greedy",
                  tree: TreeSpec | None = None, feature_threshold: float = 0.9, draft_layers: int | None = None,
                  eos_token_id=None, pad_token_id: int | None = None, vocab_map: VocabMap | None = None,
-                 lean: bool | None = None, compile: bool = False):
+                 lean: bool | None = None, compile: bool = False, graphs: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if draft is None:  # plain one-token decoding through the same runtime: the baseline of the lean step
@@ -106,7 +104,7 @@ class SpeculativeDecoder:
         self.target, self.draft, self.adapter, self.mode, self.tree = target, draft, adapter, Mode(mode), tree
         self.vocab_map = vocab_map
         self.feature_threshold = checks.threshold(feature_threshold)
-        self.lean, self.compile = lean, compile
+        self.lean, self.compile, self.graphs = lean, compile, graphs
         if draft is not None:
             self._check_pair()
         if draft_layers is not None:
@@ -125,8 +123,9 @@ class SpeculativeDecoder:
         self._declared_pad = pad
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
         _warn_unapplied_processors(config)
-        self._workspace: _Workspace | None = None
+        self._pool = WorkspacePool(self._build_workspace)
         self._plans: dict = {}
+        self._plans_lock = threading.Lock()
 
     def _check_pair(self):
         target_vocab = _vocab_size(self.target, "output")
@@ -209,146 +208,93 @@ class SpeculativeDecoder:
                              f"{draft_input_ids.shape[0]}")
         draft_prompt_lengths = _prompt_lengths("draft_attention_mask", draft_attention_mask, draft_input_ids)
         _check_position_limit(self.target, "the verifier", prompt_lengths, max_new_tokens)
-        sampling = _Sampling(self.mode, dict(temperature=temperature, top_k=top_k, top_p=top_p), generator)
+        for model, who in ((self.target, "the verifier"), (self.draft, "the drafter")):
+            _check_window(model, who, max(prompt_lengths) + max_new_tokens + self.tree.depth)
         timings = {"draft_s": 0.0, "verify_forward_s": 0.0, "bookkeeping_s": 0.0}
         start = time.perf_counter()
-
+        if not self.drafter.shares_verifier_cache:
+            _check_position_limit(self.draft, "the drafter", draft_prompt_lengths, max_new_tokens)
         # A row's cache holds prompt + emitted - 1 tokens while it decodes; its last step may accept up to `depth`
         # more than it emits, and it keeps writing a tree region at that length until every row is done; plus
         # the scratch slot.
         slack = max_new_tokens + self.tree.depth + self.drafter.tree_region + 1
-        workspace = self._get_workspace(batch, input_ids.shape[1] + slack, draft_input_ids.shape[1] + slack)
-        if not self.drafter.shares_verifier_cache:
-            _check_position_limit(self.draft, "the drafter", draft_prompt_lengths, max_new_tokens)
-        plan = self._plan(batch, device, workspace.verifier.cache.dtype)
-        with ops.value_checks(False):
-            last = workspace.verifier.prefill(input_ids, attention_mask, target_inputs)
-            logits = workspace.verifier.logits(last)
-            drafter_state = self.drafter.begin(workspace.drafter, draft_input_ids, draft_attention_mask, draft_inputs)
-            drafter_state.context = last  # the verifier's state at the last prompt token
-            root = sampling.first_token(logits)
-            nonfinite = _nonfinite(logits[:, None], logits.argmax(-1)[:, None])
-            first = torch.cat([root[:, None], nonfinite[:, None]], dim=1).tolist()  # prefill sync
+        session = self.session(batch, input_ids.shape[1] + slack, draft_input_ids.shape[1] + slack,
+                               temperature=temperature, top_k=top_k, top_p=top_p)
+        with session as step, ops.value_checks(False):
+            first = step.prefill(input_ids, attention_mask, target_inputs, draft_input_ids, draft_attention_mask,
+                                 draft_inputs, generator)  # the prefill's host read
             _raise_if_nonfinite([row[1] for row in first], "the prefill")
             generated = [[row[0]] for row in first]
             finished = [self._ends(row, max_new_tokens) for row in generated]
             live_host = [0 if f else 1 for f in finished]
-            live = torch.tensor(live_host, dtype=torch.long, device=device)  # [B] 1 while a row still decodes
+            if not all(live_host):
+                step.set_live(live_host)
             stats = _Stats(self.tree.depth)
             if callback:
                 callback([list(row) for row in generated])
             while not all(finished):
-                t0 = time.perf_counter()
-                draft = self.drafter.draft(drafter_state, root, plan)
-                t1 = time.perf_counter()
-                outcome, forward_s = self._verify(workspace.verifier, draft, sampling)
-                readback, root = self._accept(workspace, drafter_state, draft, outcome, live)
-                host = readback.tolist()  # the one read-back (host sync) of the step
+                host = step.step(generator, timings)  # the device side, then the one read-back (host sync)
                 # Rows that already finished decode on out of sight: their overflow is nobody's error.
                 _raise_if_nonfinite([row[2] and alive for row, alive in zip(host, live_host)], f"step {stats.steps + 1}")
                 emitted = self._emit_step(host, generated, finished, stats, max_new_tokens)
                 stats.steps += 1
                 if any(f and bool(was_live) for f, was_live in zip(finished, live_host)):
                     live_host = [0 if f else 1 for f in finished]
-                    live.copy_(torch.tensor(live_host))  # host -> device: finished rows stop growing
+                    step.set_live(live_host)  # host -> device: finished rows stop growing
                 if callback:
                     callback(emitted)
-                timings["draft_s"] += t1 - t0
-                timings["verify_forward_s"] += forward_s
-                timings["bookkeeping_s"] += time.perf_counter() - t1 - forward_s
+            forward_path = "lean" if step.verifier.lean else "transformers"
+            graphed = step.graph is not None
         timings["total_s"] = time.perf_counter() - start
-        summary = stats.summary(timings, self.tree)
-        summary["forward_path"] = "lean" if workspace.verifier.lean else "transformers"
+        summary = stats.summary(timings, self.tree, graphed)
+        summary["forward_path"] = forward_path
         return GenerateOutput(self._sequences(input_ids, generated), summary)
-
-    # ---- the step --------------------------------------------------------------------------------------------
-
-    def _verify(self, verifier: ModelRunner, draft: Draft, sampling: "_Sampling"):
-        """One verifier forward over the tree and the acceptance rule. Returns (_Outcome, forward seconds)."""
-        tokens = draft.tokens
-        start = time.perf_counter()
-        hidden, logits = self._forward_tree(verifier, draft)
-        forward_s = time.perf_counter() - start
-        parents = draft.parents.expand(tokens.shape)
-        argmax = logits.argmax(-1)
-        if self.mode is Mode.SAMPLE:
-            accept_nodes, accept_len, bonus = ops.verify_tree_sampling(
-                tokens, parents, warped_probs(logits, **sampling.warp), sampling.uniforms(tokens.shape, tokens.device),
-                max_depth=self.tree.depth)
-        elif self.mode is Mode.FEATURE:
-            accept_nodes, accept_len, bonus = self._verify_features(draft, parents, hidden, argmax)
-        else:
-            accept_nodes, accept_len, bonus = ops.verify_tree_greedy(tokens, parents, argmax, max_depth=self.tree.depth)
-        mismatches = torch.zeros_like(accept_len)
-        if self.mode is Mode.FEATURE:  # accepted drafts that differ from the verifier's own argmax
-            path = accept_nodes[:, 1:]
-            differs = tokens.gather(1, path.clamp(min=0)) != argmax.gather(1, accept_nodes[:, :-1].clamp(min=0))
-            mismatches = (differs & (path >= 0)).sum(-1)
-        last = accept_nodes.gather(1, (accept_len - 1)[:, None])
-        # The verifier's state at the last accepted node: the next root's context (context-reading adapters).
-        context = hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))[:, 0]
-        return _Outcome(accept_nodes, accept_len, bonus, mismatches, _nonfinite(logits, argmax), context), forward_s
-
-    def _forward_tree(self, verifier: ModelRunner, draft: Draft):
-        """The verifier's forward over the tree at its cache's tree region: (hidden [B, N, D], logits [B, N, V])."""
-        cache = verifier.cache
-        slots = cache.lengths[:, None] + self._node_offsets(draft.tokens)  # node i at length + i
-        positions = cache.next_positions()[:, None] + draft.depths  # e.g. length 7, depths [0, 1, 1, 2] -> [7, 8, 8, 9]
-        hidden = verifier.forward(verifier.embed(draft.tokens), positions, slots,
-                                  cache.attention_bias(draft.block, cache.lengths))
-        return hidden, verifier.logits(hidden)  # every node is checked
-
-    def _verify_features(self, draft: Draft, parents, target_hidden, target_argmax):
-        """Relaxed acceptance (see feature_path): the cosine of each node's drafting state (adapted when aligned,
-        kept from drafting: the adapter never runs twice) with the verifier's state at that node."""
-        states = draft.node_states.to(target_hidden.device)
-        _, close, _ = ops.cosine_accept(states, target_hidden.to(states.dtype), self.feature_threshold, "relaxed")
-        accept_nodes, accept_len = feature_path(close, parents, draft.ranks, self.tree.depth)
-        last = accept_nodes.gather(1, (accept_len - 1)[:, None])
-        return accept_nodes, accept_len, target_argmax.gather(1, last)[:, 0]
-
-    def _accept(self, workspace: "_Workspace", drafter_state: DrafterState, draft: Draft, outcome: "_Outcome",
-                live: torch.Tensor):
-        """Keep the accepted slots in both caches and advance the lengths (finished rows stay put). Returns
-        (the step's read-back tensor [B, 3 + 2 * (depth + 1) + 1], the next roots [B])."""
-        cache = workspace.verifier.cache
-        grow = outcome.accept_len * live
-        cache.compact(outcome.accept_nodes, cache.lengths)
-        if not self.drafter.shares_verifier_cache:
-            self.drafter.accept(drafter_state, draft, outcome.accept_nodes, outcome.accept_len, grow)
-        drafter_state.context = outcome.context
-        cache.lengths += grow
-        cache.refresh_bias()
-        path = outcome.accept_nodes.clamp(min=0)
-        path_tokens = draft.tokens.gather(1, path)
-        path_ranks = draft.ranks.expand(draft.tokens.shape).gather(1, path)  # for acceptance by (depth, rank)
-        readback = torch.cat([outcome.accept_len[:, None], outcome.mismatches[:, None],
-                              outcome.nonfinite[:, None].long(), path_tokens, path_ranks, outcome.bonus[:, None]],
-                             dim=1)
-        return readback, outcome.bonus
-
-    def _node_offsets(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.arange(tokens.shape[1], device=tokens.device)[None]
 
     # ---- per-call resources ------------------------------------------------------------------------------------
 
-    def _get_workspace(self, batch: int, verifier_slots: int, drafter_slots: int) -> "_Workspace":
-        """Caches and runners, kept between calls (and with them compiled graphs) while they are big enough;
-        capacities are rounded up so that similar prompts reuse them."""
-        workspace = self._workspace
-        if workspace is None or not workspace.fits(batch, verifier_slots, drafter_slots):
-            self._workspace = None  # free the old buffers first
-            workspace = _Workspace.build(self, batch, _round_up(verifier_slots), _round_up(drafter_slots))
-            self._workspace = workspace
-        return workspace
+    @contextmanager
+    def session(self, batch: int, verifier_slots: int, drafter_slots: int | None = None, *,
+                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+                ) -> Iterator[DecodeStep]:
+        """Hold a workspace (caches of at least these capacities for `batch` rows) for one call and yield its
+        DecodeStep for this decoder's tree and the given sampling warp. What generate runs; also the public way
+        to time a step's parts (the tree planner) or drive steps from a serving loop. Thread-safe: concurrent
+        sessions hold different workspaces."""
+        workspace = self._pool.acquire(batch, verifier_slots, drafter_slots or verifier_slots)
+        try:
+            yield self._step(workspace, Sampling(self.mode, float(temperature), top_k or None, top_p))
+        finally:
+            self._pool.release(workspace)
+
+    def idle_workspaces(self) -> list[Workspace]:
+        """The workspaces (caches, runners, step objects) kept between calls."""
+        return self._pool.idle()
+
+    def _build_workspace(self, batch: int, verifier_slots: int, drafter_slots: int) -> Workspace:
+        return Workspace.build(self.target, self.draft, batch, verifier_slots, drafter_slots,
+                               shared=self.drafter.shares_verifier_cache, draft_layers=self.draft_layers,
+                               lean=self.lean, compile=self.compile, graphs=self.graphs is not False)
+
+    def _step(self, workspace: Workspace, sampling: Sampling) -> DecodeStep:
+        """The workspace's step object for this sampling (built once: its graph, if any, is captured once)."""
+        cache = workspace.verifier.cache
+        key = (sampling, cache.dtype)
+        step = workspace.steps.get(key)
+        if step is None:
+            graphs = self.graphs is not False and cache.device.type == "cuda"
+            step = DecodeStep(self.drafter, workspace, self.tree, self._plan(workspace.batch, cache.device, cache.dtype),
+                              sampling, self.feature_threshold, graphs=graphs)
+            workspace.steps[key] = step
+        return step
 
     def _plan(self, batch: int, device, dtype) -> TreePlan | None:
         if not self.tree.is_static:
             return None
         key = (batch, torch.device(device), dtype)
-        if key not in self._plans:
-            self._plans[key] = TreePlan.build(self.tree, device, dtype, batch)
-        return self._plans[key]
+        with self._plans_lock:
+            if key not in self._plans:
+                self._plans[key] = TreePlan.build(self.tree, device, dtype, batch)
+            return self._plans[key]
 
     # ---- host side -------------------------------------------------------------------------------------------
 
@@ -395,94 +341,6 @@ class SpeculativeDecoder:
         return torch.cat([input_ids, new.to(device=input_ids.device, dtype=input_ids.dtype)], dim=1)
 
 
-def feature_path(close: torch.Tensor, parents: torch.Tensor, ranks: torch.Tensor, max_depth: int):
-    """Feature mode's rule: node i is accepted iff its parent is, the parent's states are close (close[B, N]
-    bool, per node as a parent) and i is the drafter's top-ranked child there (ranks[B or 1, N] == 0).
-    Returns (accept_nodes[B, max_depth + 1], accept_len[B]) as verify_tree_greedy gives them.
-
-    Example: parents [-1, 0, 0, 2], ranks [-1, 0, 1, 0], close everywhere: the path is [0, 1]; node 3 is
-    deeper, but it hangs under the root's second choice, which closeness at the root does not vouch for.
-    """
-    passes = (close.gather(1, parents.clamp(min=0)) & (ranks.expand(parents.shape) == 0)).long()
-    # verify_tree_greedy's path rule on the flags: node i is accepted iff passes[i] == 1 and its parent is.
-    accept_nodes, accept_len, _ = ops.verify_tree_greedy(passes, parents, torch.ones_like(passes),
-                                                         max_depth=max_depth)
-    return accept_nodes, accept_len
-
-
-def _round_up(slots: int, multiple: int = 64) -> int:
-    return -(-slots // multiple) * multiple
-
-
-@dataclass
-class _Workspace:
-    """The caches and runners of a batch size and capacity, reused across generate calls."""
-    batch: int
-    verifier: ModelRunner
-    drafter: ModelRunner | None  # None: plain decoding
-
-    @property
-    def shared(self) -> bool:
-        """The drafter reads and writes the verifier's cache (or there is no drafter)."""
-        return self.drafter is None or self.drafter.cache is self.verifier.cache
-
-    @classmethod
-    def build(cls, decoder: SpeculativeDecoder, batch: int, verifier_slots: int, drafter_slots: int):
-        shared = decoder.drafter.shares_verifier_cache
-        if shared:
-            verifier_slots = max(verifier_slots, drafter_slots)
-        verifier_cache = new_cache(decoder.target, batch, verifier_slots)
-        verifier = ModelRunner(decoder.target, verifier_cache, lean=decoder.lean)
-        draft_runner = None
-        if decoder.draft is not None:
-            drafter_cache = verifier_cache if shared else new_cache(decoder.draft, batch, drafter_slots,
-                                                                    decoder.draft_layers)
-            draft_runner = ModelRunner(decoder.draft, drafter_cache, num_layers=decoder.draft_layers,
-                                       lean=decoder.lean)
-        if decoder.compile:
-            for runner in (verifier, draft_runner):
-                if runner is not None:
-                    runner.compile()
-        return cls(batch, verifier, draft_runner)
-
-    def fits(self, batch: int, verifier_slots: int, drafter_slots: int) -> bool:
-        if self.shared:
-            return batch == self.batch and self.verifier.cache.capacity >= max(verifier_slots, drafter_slots)
-        return (batch == self.batch and self.verifier.cache.capacity >= verifier_slots
-                and self.drafter.cache.capacity >= drafter_slots)
-
-
-@dataclass
-class _Outcome:
-    accept_nodes: torch.Tensor  # [B, depth + 1] root first, -1 padded
-    accept_len: torch.Tensor  # [B] accepted nodes, root included (= tokens the step emits)
-    bonus: torch.Tensor  # [B] the verifier's token after the accepted path
-    mismatches: torch.Tensor  # [B] feature mode: accepted drafts that differ from the verifier's argmax
-    nonfinite: torch.Tensor  # [B] bool: a node's logits hold nan / inf
-    context: torch.Tensor  # [B, D] the verifier's final state at the last accepted node
-
-
-class _Sampling:
-    """The decoding rule's randomness: first tokens and uniforms (sample mode), argmax otherwise."""
-
-    def __init__(self, mode: Mode, warp: dict, generator: torch.Generator | None):
-        self.mode, self.warp, self.generator = mode, warp, generator
-
-    def first_token(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.mode is Mode.SAMPLE:
-            return torch.multinomial(warped_probs(logits, **self.warp), 1, generator=self.generator)[:, 0]
-        return logits.argmax(-1)
-
-    def uniforms(self, shape, device) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator, device=device)
-
-
-def _nonfinite(logits: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
-    """[B] bool: any node's logits [B, N, V] hold nan or +inf, without a host sync or a second pass over them:
-    argmax (already computed) points at a nan or +inf wherever a row holds one (torch's max propagates nan)."""
-    return ~torch.isfinite(logits.gather(-1, argmax[..., None])[..., 0]).all(-1)
-
-
 def _raise_if_nonfinite(flags: list, where: str) -> None:
     rows = [b for b, flag in enumerate(flags) if flag]
     if rows:
@@ -523,6 +381,15 @@ def _check_position_limit(model, who: str, prompt_lengths: list[int], max_new_to
     raise ValueError(f"{message}: its learned position table has no entry past {limit - 1}")
 
 
+def _check_window(model, who: str, positions: int) -> None:
+    """A sliding window that would bite is an error: the lean forward attends to the whole prefix."""
+    window = sliding_window(text_config(model)) if model is not None else None
+    if window is not None and positions > window:
+        raise ValueError(f"{who} uses sliding-window attention (sliding_window={window}), and prompt + "
+                         f"max_new_tokens + the tree's depth reach {positions} positions: past the window the "
+                         "runtime's full-prefix attention would differ from the model's; decode fewer tokens")
+
+
 # Generation-config settings that make target.generate transform the logits; the decoder applies none of them.
 _UNAPPLIED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
               "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
@@ -556,7 +423,7 @@ class _Stats:
         for depth, rank in enumerate(ranks or []):
             self.by_depth_rank[depth][rank] = self.by_depth_rank[depth].get(rank, 0) + 1
 
-    def summary(self, timings: dict, tree: TreeSpec) -> dict:
+    def summary(self, timings: dict, tree: TreeSpec, graphed: bool = False) -> dict:
         rows = max(self.row_steps, 1)
         return {
             "steps": self.steps,
@@ -571,5 +438,7 @@ class _Stats:
             # feature mode: accepted drafts that differ from the verifier's own argmax (the price of relaxing)
             "feature_mismatches": self.feature_mismatches,
             "timings": timings,
-            "bookkeeping_share_of_verify": timings["bookkeeping_s"] / max(timings["verify_forward_s"], 1e-12),
+            "graphed": graphed,  # a graph replays the whole step: its parts have no host clocks (timings["step_s"])
+            "bookkeeping_share_of_verify": (None if graphed else
+                                            timings["bookkeeping_s"] / max(timings["verify_forward_s"], 1e-12)),
         }

@@ -49,11 +49,11 @@ class Draft:
 
 @dataclass
 class DrafterState:
-    """Per generate call: the drafter's runner and the token its next forward may have to recompute."""
-    runner: ModelRunner  # the drafter's runner, over its own cache or the verifier's
-    previous: torch.Tensor | None = None  # [B] drafter id of the last accepted token (own cache only)
-    previous_cached: torch.Tensor | None = None  # [B] bool: its K/V are already in the drafter's cache
-    context: torch.Tensor | None = None  # [B, D_verifier] the verifier's state before the root (context adapters)
+    """The drafter's side of a DecodeStep: its runner and static buffers, written in place every step."""
+    runner: ModelRunner | None  # the drafter's runner, over its own cache or the verifier's (None: no drafter)
+    previous: torch.Tensor  # [B] int64 drafter id of the last accepted token (own cache only)
+    previous_cached: torch.Tensor  # [B] bool: its K/V are already in the drafter's cache
+    context: torch.Tensor  # [B, D_verifier] the verifier's state before the root (context adapters)
 
 
 class Drafter:
@@ -149,27 +149,48 @@ class Drafter:
 
     # ---- a generate call -----------------------------------------------------------------------------------
 
-    def begin(self, runner: ModelRunner, draft_input_ids: torch.Tensor | None = None,
-              draft_attention_mask: torch.Tensor | None = None, media: dict | None = None) -> DrafterState:
+    def new_state(self, runner: ModelRunner | None, context: torch.Tensor) -> DrafterState:
+        """The drafter's buffers for one DecodeStep (context [B, D_verifier] is the step's own buffer)."""
+        batch = context.shape[0]
+        device = runner.cache.device if runner is not None else context.device
+        return DrafterState(runner, torch.zeros(batch, dtype=torch.long, device=device),
+                            torch.ones(batch, dtype=torch.bool, device=device), context)
+
+    def prepare(self, state: DrafterState) -> None:
+        """Build every table a step reads (per device and dtype), so that no step does lazy setup: a CUDA graph
+        records only what runs in it, and threads sharing the drafter never race to build one."""
+        if self.model is None:
+            return
+        device, dtype = state.runner.cache.device, state.runner.cache.dtype
+        self._tables(device)
+        self._tables(state.context.device)
+        if self.shares_verifier_cache:
+            self._block_root(dtype, 1)
+        else:
+            self._block_root(dtype, 2)
+            self._pair_offsets(device)
+        if not self.tree.is_static:
+            self._dynamic_tables(device)
+
+    def begin(self, state: DrafterState, draft_input_ids: torch.Tensor | None = None,
+              draft_attention_mask: torch.Tensor | None = None, media: dict | None = None) -> None:
         """Prefill the drafter's own cache with its prompt (nothing to do when it shares the verifier's)."""
-        state = DrafterState(runner)
         if not self.shares_verifier_cache:
-            runner.prefill(draft_input_ids, draft_attention_mask, media, last_only=True)
+            state.runner.prefill(draft_input_ids, draft_attention_mask, media, last_only=True)
             # The last prompt token is cached; the first step's forward writes its column to the scratch slot.
-            state.previous = draft_input_ids[:, -1].clone()
-            state.previous_cached = torch.ones_like(state.previous, dtype=torch.bool)
-        return state
+            state.previous.copy_(draft_input_ids[:, -1])
+            state.previous_cached.fill_(True)
 
     def draft(self, state: DrafterState, root: torch.Tensor, plan: TreePlan | None) -> Draft:
         """This step's tree for roots [B] (verifier ids)."""
         if self.model is None:  # plain decoding: the root alone
             return Draft(root[:, None], plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets)
-        root_states = self.states(self._root_forward(state, root), state.context)
+        root_states = self.states(self.root_forward(state, root), state.context)
         if self.tree.is_static:
             return self._draft_static(state, root, root_states, plan)
         return self._draft_dynamic(state, root, root_states)
 
-    def _root_forward(self, state: DrafterState, root: torch.Tensor) -> torch.Tensor:
+    def root_forward(self, state: DrafterState, root: torch.Tensor) -> torch.Tensor:
         """The root (and, with its own cache, the previous accepted token) through the drafter: [B, D]."""
         runner = state.runner
         cache = runner.cache
@@ -206,7 +227,7 @@ class Drafter:
     def _root_device(self):
         return self.model.get_input_embeddings().weight.device
 
-    def _level_forward(self, state: DrafterState, tokens, depth: int, offsets, block) -> torch.Tensor:
+    def level_forward(self, state: DrafterState, tokens, depth: int, offsets, block) -> torch.Tensor:
         """Drafter forward of tree nodes: tokens [B, W] at tree offsets [1 or B, W], all at depth `depth`,
         seeing the committed slots plus block [1 or B, W, R] over the tree region's first R offsets."""
         runner = state.runner
@@ -236,7 +257,7 @@ class Drafter:
             if depth == plan.depth:
                 break
             run = plan.expanded[depth]  # the level's nodes with children; the others are leaves
-            hidden = self._level_forward(state, tokens[:, run], depth, run[None], plan.block[:, run, :end])
+            hidden = self.level_forward(state, tokens[:, run], depth, run[None], plan.block[:, run, :end])
             # A node's context is its parent's predicted verifier state: the true one is not known yet.
             parents_in_above = plan.parent_in_level[depth][run - start]
             level_states = self.states(hidden, level_states[:, parents_in_above])
@@ -262,7 +283,7 @@ class Drafter:
         cand_offsets = torch.full((batch, count), -1, dtype=torch.long, device=device)
         # Which tree-region offsets each candidate sees: the root's and its forwarded ancestors'.
         cand_sees = torch.zeros(batch, count, region, dtype=torch.bool, device=device)
-        cand_sees[:, :, 0] = True
+        cand_sees[:, :, 0].fill_(True)
         # Each candidate's parent's states: its context, and (once it runs) what it is scored from.
         cand_context = root_states.new_zeros(batch, count, width)
         cand_states = root_states.new_zeros(batch, count, width) if self.keep_states else None
@@ -278,7 +299,7 @@ class Drafter:
             cand_offsets.scatter_(1, chosen, offsets.expand(batch, k))
             sees = cand_sees.gather(1, chosen[..., None].expand(-1, -1, region))
             sees = sees | tables["own_offset"][level - 1][None]  # [B, k, region]: + itself
-            hidden = self._level_forward(state, cand_tokens.gather(1, chosen), level, offsets,
+            hidden = self.level_forward(state, cand_tokens.gather(1, chosen), level, offsets,
                                          additive(sees, state.runner.cache.dtype))
             states = self.states(hidden, cand_context.gather(1, chosen[..., None].expand(-1, -1, width)))
             if cand_states is not None:
@@ -338,7 +359,7 @@ class Drafter:
         last_offset = offsets.gather(1, last)[:, 0]
         last_token = draft.tokens.to(device).gather(1, accept_nodes.gather(1, last).clamp(min=0))[:, 0]
         frozen = grow == 0
-        state.previous = torch.where(frozen, state.previous, self.draft_ids(last_token))
-        state.previous_cached = frozen | (last_offset >= 0)
+        state.previous.copy_(torch.where(frozen, state.previous, self.draft_ids(last_token)))
+        state.previous_cached.copy_(frozen | (last_offset >= 0))
         cache.lengths += grow
         cache.refresh_bias()

@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from sdalign_rt.kv_cache import StaticKVCache
+from sdalign_rt.lean_llama import sliding_window
 from sdalign_rt.shallow import shallow_view_of_decoder
 
 # Attention implementations that build their own (causal) masking and would silently drop a tree mask.
@@ -28,8 +29,8 @@ def check_mask_respected(config, who: str) -> None:
         raise ValueError(f"{who} uses attn_implementation={implementation!r}, which ignores a custom attention mask: "
                          "tree and padding masks would be silently replaced by a causal one. Load it with "
                          "attn_implementation='sdpa' or 'eager' (LLaMA-family models run the lean forward instead)")
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
+    window = sliding_window(config)
+    if window:
         raise ValueError(f"{who} uses sliding-window attention (sliding_window={window}), which the runtime's "
                          "static cache and tree masks do not implement")
 

@@ -86,6 +86,10 @@ class StaticKVCache:
         keys.scatter_(2, slot_index, new_keys)
         values.scatter_(2, slot_index, new_values)
 
+    def slot_range(self, width: int) -> torch.Tensor:
+        """[1, width] int64: 0 .. width - 1 (offsets into a tree region), a view of a tensor made once."""
+        return self._slot_index[None, :width]
+
     def next_positions(self) -> torch.Tensor:
         """[B] the position of each row's next token (its committed tokens, left padding not counted)."""
         return self.lengths - self.starts

@@ -8,8 +8,10 @@ cache under the caller's additive bias, the MLP module; no transformers mask or 
 depends on how full the cache is. Weights are the model's (nothing is copied or rewritten), so the output is
 the model's up to the rounding of a different attention reduction.
 
-Covered: every decoder whose layers are transformers' LlamaDecoderLayer: LlamaForCausalLM (SmolLM2, Vicuna),
-EventGPT's language model, the language models inside Llava and Video-LLaVA. Others use TransformersForward.
+Covered: decoders whose layers are transformers' LLaMA-shaped layers (LEAN_LAYERS): LlamaForCausalLM (SmolLM2,
+Vicuna), EventGPT's language model, the language models inside Llava and Video-LLaVA, Mistral, Qwen2 / Qwen2.5
+(q/k/v biases: the projections are the modules themselves) and Qwen3 (per-head q/k norms). A sliding window is
+allowed where it never bites: generate refuses prompt + new tokens past it. Others use TransformersForward.
 """
 from __future__ import annotations
 
@@ -22,20 +24,38 @@ from sdalign_rt.cpu_linear import project
 from sdalign_rt.kv_cache import StaticKVCache
 
 
+# Decoder layers built like LLaMA's: pre-norm attention (q/k/v/o projections; Qwen2's with biases, Qwen3's with
+# per-head RMSNorms on q and k), pre-norm gated MLP, rotary positions from the decoder's own rotary module.
+LEAN_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def _lean_layer(layer) -> bool:
+    names = {cls.__name__ for cls in type(layer).__mro__}
+    if not names.intersection(LEAN_LAYERS):
+        return False
+    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return (all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+            and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+            and hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm"))
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a decoder config, None when every layer attends to the whole prefix (Qwen2 sets
+    a window that only its use_sliding_window flag turns on)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    return window
+
+
 def lean_unsupported(decoder) -> str | None:
     """None if `decoder` (a model's decoder stack) can run lean, else why not."""
-    try:
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    except ImportError as error:
-        return f"transformers has no LLaMA model ({error})"
     layers = getattr(decoder, "layers", None)
-    if layers is None or not all(isinstance(layer, LlamaDecoderLayer) for layer in layers):
-        return f"{type(decoder).__name__} is not a stack of LlamaDecoderLayer"
+    if layers is None or not all(_lean_layer(layer) for layer in layers):
+        return f"{type(decoder).__name__} is not a stack of {' / '.join(LEAN_LAYERS)}"
     for name in ("embed_tokens", "norm", "rotary_emb"):
         if getattr(decoder, name, None) is None:
             return f"{type(decoder).__name__} has no {name}"
-    if getattr(decoder.config, "sliding_window", None):
-        return "sliding-window attention is not implemented by the lean forward"
     # accelerate's offloading hooks load weights when a whole layer is called; the lean forward calls the
     # layer's parts, so offloaded weights would never arrive.
     if any(getattr(getattr(module, "_hf_hook", None), "offload", False) for module in decoder.modules()):
@@ -67,6 +87,7 @@ class LeanLlamaForward:
         # The rotary application of the attention's own modeling module (LLaMA's, or a subclass's override).
         self._apply_rope = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         self.head_dim = attention.head_dim
+        self._qk_norm = getattr(attention, "q_norm", None) is not None
         self.heads = decoder.config.num_attention_heads
         self.kv_heads = decoder.config.num_key_value_heads
         self._devices = [cache.layer_device(i) for i in range(self.num_layers)]
@@ -96,16 +117,38 @@ class LeanLlamaForward:
         batch, tokens = hidden.shape[:2]
         attention = layer.self_attn
         x = layer.input_layernorm(hidden)
-        # q [B, H, T, Dh]; k, v [B, H_kv, T, Dh]
-        q = project(attention.q_proj, x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
-        k = project(attention.k_proj, x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        # q [B, H, T, Dh]; k, v [B, H_kv, T, Dh] (Qwen3 normalises each head of q and k before the rotation)
+        q = project(attention.q_proj, x).view(batch, tokens, self.heads, self.head_dim)
+        k = project(attention.k_proj, x).view(batch, tokens, self.kv_heads, self.head_dim)
+        if self._qk_norm:
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = project(attention.v_proj, x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self._apply_rope(q, k, cos, sin)
         keys, values = self.cache.layer(index)
         StaticKVCache.write(keys, values, k, v, slot_index)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attention.scaling,
-                                             enable_gqa=self.heads != self.kv_heads)
+        out = _attention(q, keys, values, bias, attention.scaling)
         hidden = hidden + project(attention.o_proj, out.transpose(1, 2).reshape(batch, tokens, -1))
         x = layer.post_attention_layernorm(hidden)
         mlp = layer.mlp  # LlamaMLP's own formula, its projections through `project`
         return hidden + project(mlp.down_proj, mlp.act_fn(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """SDPA of q [B, H, T, Dh] over the cache keys / values [B, H_kv, S, Dh] under bias [B, 1, T, S].
+
+    Grouped-query heads are folded into the query axis ([B, H_kv, G * T, Dh], the bias repeated per group) rather
+    than passed as enable_gqa: with a mask, PyTorch's CUDA SDPA sends enable_gqa to the math kernel, which
+    materialises [B, H, T, S] scores in fp32; folded, the memory-efficient kernel takes it. Same sums, same result.
+    """
+    batch, heads, tokens, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    if heads == kv_heads:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
+    group = heads // kv_heads
+    folded = q.reshape(batch, kv_heads, group * tokens, head_dim)  # head h = kv head h // G, group member h % G
+    folded_bias = bias[:, :, None].expand(batch, 1, group, tokens, bias.shape[-1]).reshape(
+        batch, 1, group * tokens, bias.shape[-1])
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=folded_bias, scale=scale)
+    return out.view(batch, heads, tokens, head_dim)

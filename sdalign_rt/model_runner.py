@@ -72,15 +72,18 @@ class ModelRunner:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._forward.embed(token_ids)
 
-    def compile(self) -> None:
-        """torch.compile the forward (fixed shapes: one graph per width). On CUDA mode "reduce-overhead"
-        replays CUDA graphs; the cache buffers and their per-layer views are marked static so the graphs write
-        them in place, and each output is cloned (the next replay would overwrite it)."""
+    def compile(self, graphs: bool = True) -> None:
+        """torch.compile the forward (fixed shapes: one graph per width). On CUDA with `graphs`, mode
+        "reduce-overhead" replays CUDA graphs of the forward alone: the cache buffers and their per-layer views are
+        marked static so the graphs write them in place, and each output is cloned (the next replay would
+        overwrite it). graphs=False when a whole-step CUDA graph captures the compiled forward instead."""
         cuda = self.cache.device.type == "cuda"
-        for tensor in self.cache.static_tensors():
-            torch._dynamo.mark_static_address(tensor)
-        self._run = torch.compile(self._forward, mode="reduce-overhead" if cuda else None, dynamic=False)
-        self._graphed = cuda
+        graphed = cuda and graphs
+        if graphed:
+            for tensor in self.cache.static_tensors():
+                torch._dynamo.mark_static_address(tensor)
+        self._run = torch.compile(self._forward, mode="reduce-overhead" if graphed else None, dynamic=False)
+        self._graphed = graphed
 
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

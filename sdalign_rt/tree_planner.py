@@ -31,6 +31,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sdalign_rt import ops
+from sdalign_rt.decoder import SpeculativeDecoder
+from sdalign_rt.drafter import Draft
+from sdalign_rt.kv_cache import additive
 from sdalign_rt.trees import TreeSpec
 
 
@@ -175,7 +178,8 @@ def refine_in_loop(modelled: PlannedTree, acceptance: Acceptance, prompts: list,
         ids = prompts[round_index % len(prompts)]
         for decoder, times in zip(decoders, samples):
             stats = decoder.generate(ids, new_tokens, attention_mask=torch.ones_like(ids)).stats
-            spent = sum(stats["timings"][part] for part in ("draft_s", "verify_forward_s", "bookkeeping_s"))
+            timings = stats["timings"]  # a graphed step has one clock for the whole step
+            spent = timings.get("step_s") or sum(timings[p] for p in ("draft_s", "verify_forward_s", "bookkeeping_s"))
             times.append(spent / max(stats["steps"], 1))
     rows, best = [], None
     for tree, times in zip(trees, samples):
@@ -213,9 +217,6 @@ def measure_costs(decoder, input_ids: torch.Tensor, max_nodes: int, max_width: i
 
 def _star(nodes: int, root: torch.Tensor, dtype):
     """A Draft of `nodes` nodes, every draft a child of the root: the same shapes and work as any tree of this size."""
-    from sdalign_rt.drafter import Draft
-    from sdalign_rt.kv_cache import additive
-
     device = root.device
     parents = torch.zeros(1, nodes, dtype=torch.long, device=device)
     parents[0, 0] = -1
@@ -227,50 +228,43 @@ def _star(nodes: int, root: torch.Tensor, dtype):
 
 
 def _measure_costs(decoder, input_ids, max_nodes, max_width, reps) -> StepCosts:
-    from sdalign_rt.decoder import _Sampling
-    from sdalign_rt.kv_cache import additive
-
     mask = torch.ones_like(input_ids)
-    region = max(max_nodes, max_width + 1, decoder.drafter.tree_region) + 2
-    workspace = decoder._get_workspace(1, input_ids.shape[1] + region + 2, input_ids.shape[1] + region + 2)
-    verifier, drafter = workspace.verifier, decoder.drafter
-    device, dtype = input_ids.device, verifier.cache.dtype
-    last = verifier.prefill(input_ids, mask)
-    state = drafter.begin(workspace.drafter, input_ids, mask)
-    state.context = last
-    root = verifier.logits(last).argmax(-1)
+    slots = input_ids.shape[1] + max(max_nodes, max_width + 1, decoder.drafter.tree_region) + 4
+    with decoder.session(1, slots, slots) as step:
+        step.prefill(input_ids, mask, draft_input_ids=decoder.drafter.draft_ids(input_ids), draft_attention_mask=mask)
+        drafter, state = decoder.drafter, step.drafter_state
+        device, dtype = input_ids.device, step.verifier.cache.dtype
+        root = step.roots.clone()
+        verify_s = {}
+        for nodes in range(1, max_nodes + 1):
+            draft = _star(nodes, root, dtype)
+            verify_s[nodes] = _median_s(lambda: step.verify_forward(draft), reps, device)
+        # Bookkeeping: verification, compaction, the read-back; a finished row (live 0) keeps the caches as they are.
+        step.set_live([0])
+        draft = _star(min(4, max_nodes), root, dtype)
 
-    verify_s = {}
-    for nodes in range(1, max_nodes + 1):
-        draft = _star(nodes, root, dtype)
-        verify_s[nodes] = _median_s(lambda: decoder._forward_tree(verifier, draft), reps, device)
-    # Bookkeeping: verification, compaction, the read-back; a finished row (live 0) keeps the caches as they are.
-    sampling = _Sampling(decoder.mode, {}, None)
-    frozen = torch.zeros(1, dtype=torch.long, device=device)
-    draft = _star(min(4, max_nodes), root, dtype)
+        def whole_step():
+            step.commit(draft, step.accept(draft, *step.verify_forward(draft)))
+            step.read_back()
 
-    def whole_step():
-        outcome, _ = decoder._verify(verifier, draft, sampling)
-        decoder._accept(workspace, state, draft, outcome, frozen)[0].tolist()
+        overhead_s = max(_median_s(whole_step, reps, device) - verify_s[draft.tokens.shape[1]], 0.0)
 
-    overhead_s = max(_median_s(whole_step, reps, device) - verify_s[draft.tokens.shape[1]], 0.0)
+        def root_step():
+            return drafter.scores(drafter.states(drafter.root_forward(state, root), state.context)).topk(4, dim=-1)
 
-    def root_step():
-        return drafter.scores(drafter.states(drafter._root_forward(state, root), state.context)).topk(4, dim=-1)
+        level_s = {}
+        for width in range(1, max_width + 1):
+            tokens = root[:, None].expand(1, width)
+            offsets = 1 + torch.arange(width, device=device)[None]
+            block = additive(torch.ones(1, width, 1 + width, dtype=torch.bool, device=device), dtype)
+            context = state.context[:, None].expand(1, width, -1)
 
-    level_s = {}
-    for width in range(1, max_width + 1):
-        tokens = root[:, None].expand(1, width)
-        offsets = 1 + torch.arange(width, device=device)[None]
-        block = additive(torch.ones(1, width, 1 + width, dtype=torch.bool, device=device), dtype)
-        context = None if state.context is None else state.context[:, None].expand(1, width, -1)
+            def level_step():
+                hidden = drafter.level_forward(state, tokens, 1, offsets, block)
+                return drafter.scores(drafter.states(hidden, context)).topk(4, dim=-1)
 
-        def level_step():
-            hidden = drafter._level_forward(state, tokens, 1, offsets, block)
-            return drafter.scores(drafter.states(hidden, context)).topk(4, dim=-1)
-
-        level_s[width] = _median_s(level_step, reps, device)
-    return StepCosts(verify_s, _median_s(root_step, reps, device), level_s, overhead_s)
+            level_s[width] = _median_s(level_step, reps, device)
+        return StepCosts(verify_s, _median_s(root_step, reps, device), level_s, overhead_s)
 
 
 def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int | None = None, vocab_map=None,
@@ -281,8 +275,6 @@ def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int |
     the best with a report: q, the costs, every tree weighed, the in-loop step times, and the chosen tree's
     measured tokens/s on the calibration prompts next to its prediction."""
     from tqdm import tqdm
-
-    from sdalign_rt.decoder import SpeculativeDecoder
 
     kwargs = dict(adapter=adapter, draft_layers=draft_layers, vocab_map=vocab_map, lean=lean)
     comb = SpeculativeDecoder(target, draft, tree=comb_tree(max_depth, ranks), **kwargs)

@@ -85,15 +85,6 @@ class TreeSpec:
         return cls("dynamic", depth, top_k, total_tokens)
 
     @classmethod
-    def plan(cls, target, draft, prompts: list, **kwargs) -> "TreeSpec":
-        """The static tree with the most measured tokens/s for this pair on this device and dtype: acceptance
-        by (depth, rank) calibrated on `prompts` ([1, P] ids; not the evaluation prompts) and the step's costs
-        timed on the real runners (sdalign_rt.tree_planner.plan_tree, whose keywords it takes)."""
-        from sdalign_rt.tree_planner import plan_tree
-
-        return plan_tree(target, draft, prompts, **kwargs)[0].tree
-
-    @classmethod
     def parse(cls, text: str) -> "TreeSpec":
         """From the command line: "chain:4", "dynamic:TOP_K,DEPTH,TOTAL", or "static:" + a JSON list of rank
         paths ("static:[[0],[1],[0,0]]") or a JSON file holding one, or a plan written by `sdalign-rt

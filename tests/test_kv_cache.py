@@ -83,7 +83,7 @@ def test_decoder_reuses_its_caches_between_calls():
     decoder = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], tree=sd.TreeSpec.chain(3))
     ids, mask = left_padded_prompts([6, 3], 1)
     assert torch.equal(decoder.generate(ids, 20, attention_mask=mask).sequences, reference(ids, mask, 20))
-    buffers = [b.data_ptr() for b in decoder._workspace.verifier.cache.buffers]
+    buffers = [b.data_ptr() for b in decoder.idle_workspaces()[0].verifier.cache.buffers]
     ids, mask = left_padded_prompts([4, 5], 2)
     assert torch.equal(decoder.generate(ids, 18, attention_mask=mask).sequences, reference(ids, mask, 18))
-    assert [b.data_ptr() for b in decoder._workspace.verifier.cache.buffers] == buffers
+    assert [b.data_ptr() for b in decoder.idle_workspaces()[0].verifier.cache.buffers] == buffers

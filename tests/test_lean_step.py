@@ -13,9 +13,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 import sdalign_rt as sd  # noqa: E402
 from conftest import DEVICE  # noqa: E402
 from sdalign_rt import _ext  # noqa: E402
-from sdalign_rt.decoder import feature_path  # noqa: E402
+from sdalign_rt.decode_step import feature_path  # noqa: E402
 from sdalign_rt.model_runner import ModelRunner, new_cache  # noqa: E402
 from sdalign_rt.models.tiny import finish_random_model  # noqa: E402
+from sdalign_rt.tree_plan import TreePlan  # noqa: E402
 from test_decoder import DRAFTS, TARGET, TREES, VOCAB, left_padded_prompts, reference, tiny_llama  # noqa: E402
 
 # Tensor calls that wait for the device on CUDA (read a value back to the host). `.to(device)` is left out:
@@ -110,13 +111,13 @@ def test_forwards_per_step_have_fixed_widths_and_no_rereads(monkeypatch, tree, s
     ids, mask = left_padded_prompts([6, 4], 5)
     out = decoder.generate(ids, 25, attention_mask=mask)
     assert torch.equal(out.sequences, reference(ids, mask, 25))
-    verifier = decoder._workspace.verifier
+    verifier = decoder.idle_workspaces()[0].verifier
     steps = out.stats["steps"]
     verify_widths = [w for r, w in log.calls if r is verifier]
     draft_widths = [w for r, w in log.calls if r is not verifier]
     assert verify_widths == [spec.num_nodes] * steps
     if spec.is_static:
-        plan = decoder._plan(2, "cpu", torch.float32)
+        plan = TreePlan.build(spec, "cpu", torch.float32, 2)
         levels = [len(plan.expanded[d]) for d in range(1, spec.depth)]  # only nodes with children run
     else:
         levels = [spec.top_k] * (spec.depth - 1)
@@ -131,7 +132,7 @@ def test_caches_equal_a_plain_prefill_of_the_committed_tokens(lean, tree):
     decoder = sd.SpeculativeDecoder(target=TARGET, draft=DRAFTS["perturbed"], tree=TREES[tree], lean=lean)
     ids, mask = left_padded_prompts([6, 3], 6)
     out = decoder.generate(ids, 21, attention_mask=mask)
-    workspace = decoder._workspace
+    workspace = decoder.idle_workspaces()[0]
     committed = out.sequences[:, :-1]  # every token but the last bonus has its K/V cached
     committed_mask = torch.cat([mask, torch.ones(2, 20, dtype=mask.dtype)], 1)
     for runner, model in ((workspace.verifier, TARGET), (workspace.drafter, DRAFTS["perturbed"])):
@@ -200,13 +201,54 @@ def test_attention_that_ignores_masks_is_refused():
         sd.SpeculativeDecoder(target=llama, draft=DRAFTS["perturbed"], lean=False)
 
 
-def test_sliding_windows_are_refused():
-    from transformers import MistralConfig, MistralForCausalLM
+def tiny_family(family: str, seed: int, window: int | None = None):
+    """A tiny random Qwen2 (q/k/v biases), Qwen3 (q/k norms) or Mistral (grouped-query heads)."""
+    import transformers
 
-    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if family == "mistral":
+        config = transformers.MistralConfig(sliding_window=window, **common)
+        model = transformers.MistralForCausalLM(config)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.Qwen3Config(head_dim=32, **common)
+        model = transformers.Qwen3ForCausalLM(config)
+    return finish_random_model(model)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("tree", ["chain4", "static", "dynamic"])
+def test_llama_shaped_families_run_the_lean_forward(family, tree):
+    """Qwen2 / Qwen3 / Mistral decoders run the lean forward, lossless with a separate drafter of the same family
+    and drafting from their own first layer; their q/k/v biases and q/k norms are what make a copy wrong."""
+    target, draft = tiny_family(family, 0), tiny_family(family, 1)
+    if family == "qwen2":
+        assert target.model.layers[0].self_attn.q_proj.bias is not None
+    ids, mask = left_padded_prompts([5, 8], 9)
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
+    for drafter, layers in ((draft, None), (target, 1)):
+        out = sd.SpeculativeDecoder(target=target, draft=drafter, tree=TREES[tree], draft_layers=layers).generate(
+            ids, 14, attention_mask=mask)
+        assert out.stats["forward_path"] == "lean"
+        assert torch.equal(out.sequences, expected), (family, layers)
+
+
+def test_sliding_windows_are_refused_where_they_would_bite():
+    """Mistral's window: decoding that stays inside it runs (the window never masks anything); prompt + new tokens
+    past it is refused, as is the transformers forward, which would drop the tree mask's window rule."""
+    model = tiny_family("mistral", 0, window=24)
+    ids = torch.randint(1, VOCAB, (1, 6))
+    decoder = sd.SpeculativeDecoder(target=model, draft=model, draft_layers=1, tree=TREES["chain4"])
+    out = decoder.generate(ids, 10)
+    assert torch.equal(out.sequences, model.generate(ids, max_new_tokens=10, do_sample=False))
+    with pytest.raises(ValueError, match="sliding-window attention .sliding_window=24.* 30 positions"):
+        decoder.generate(ids, 20)
     with pytest.raises(ValueError, match="sliding-window attention"):
-        sd.SpeculativeDecoder(target=MistralForCausalLM(config).eval(), draft=DRAFTS["perturbed"])
+        sd.SpeculativeDecoder(target=model, draft=DRAFTS["perturbed"], lean=False)
 
 
 def test_bad_inputs_are_refused():
@@ -271,7 +313,7 @@ def test_layers_on_two_gpus():
     expected = reference_model.generate(ids, max_new_tokens=12, do_sample=False)
     decoder = sd.SpeculativeDecoder(target=model, draft=model, draft_layers=1, tree=TREES["static"])
     out = decoder.generate(ids, 12)
-    assert len(decoder._workspace.verifier.cache.buffers) == 2
+    assert len(decoder.idle_workspaces()[0].verifier.cache.buffers) == 2
     assert torch.equal(out.sequences.cpu(), expected.cpu())
 
 
@@ -298,7 +340,7 @@ def test_plain_one_token_decoding_through_the_runtime(lean):
 def test_capacity_holds_rows_that_finish_first(monkeypatch, tree):
     """Caches sized exactly (no rounding up): rows accept at different rates, so one reaches max_new_tokens (its last
     step accepting past it) or an EOS while others decode on, and keeps writing tree regions at its frozen length."""
-    monkeypatch.setattr("sdalign_rt.decoder._round_up", lambda slots: slots)
+    monkeypatch.setattr("sdalign_rt.workspace.round_up", lambda slots: slots)
     ids, mask = left_padded_prompts([3, 6, 5], 12)
     for max_new in range(4, 16):
         expected = reference(ids, mask, max_new)
