@@ -89,10 +89,17 @@ class DecodeStep:
     tree : TreeSpec; plan : TreePlan of a static tree for this batch, device and dtype (None for dynamic trees).
     sampling : Sampling; feature_threshold : float (feature mode).
     graphs : capture the device side as a CUDA graph (CUDA only; a failed capture warns and runs eagerly).
+
+    Layer reuse (LayerSkip's): when the drafter is the verifier's own first k layers and the tree is static, the
+    verify forward runs layers < k for the leaves alone (the drafter never ran them) and starts every node at layer
+    k from the state the drafter computed for exactly that token at that position (Draft.layer_states).
     """
 
     def __init__(self, drafter: Drafter, workspace: Workspace, tree: TreeSpec, plan: TreePlan | None,
                  sampling: Sampling, feature_threshold: float = 0.9, graphs: bool = False):
+        # Layer reuse: a static tree drafted by the verifier's own first k layers (lean forwards) left layers < k
+        # of every node it ran in the shared cache, at the slots the verify forward uses (node i at length + i).
+        self.reuse_layers = drafter.keep_layer_states and plan is not None
         self.drafter, self.workspace, self.tree, self.plan = drafter, workspace, tree, plan
         self.sampling, self.mode, self.feature_threshold = sampling, sampling.mode, feature_threshold
         verifier = workspace.verifier
@@ -154,8 +161,17 @@ class DecodeStep:
         cache = verifier.cache
         slots = cache.lengths[:, None] + cache.slot_range(draft.tokens.shape[1])  # [B, N]: node i at length + i
         positions = cache.next_positions()[:, None] + draft.depths  # e.g. length 7, depths [0, 1, 1, 2] -> [7, 8, 8, 9]
-        hidden = verifier.forward(verifier.embed(draft.tokens), positions, slots,
-                                  cache.attention_bias(draft.block, cache.lengths))
+        bias = cache.attention_bias(draft.block, cache.lengths)
+        if not self.reuse_layers or draft.layer_states is None:
+            hidden = verifier.forward(verifier.embed(draft.tokens), positions, slots, bias)
+        else:
+            k, leaves = self.drafter.draft_layers, self.plan.leaves
+            # The leaves' first k layers: they see their ancestors' layer-< k K/V, which the drafter wrote.
+            leaf_hidden = verifier.forward(verifier.embed(draft.tokens[:, leaves]), positions[:, leaves],
+                                           slots[:, leaves], cache.attention_bias(self.plan.leaf_block, cache.lengths),
+                                           layers=(0, k), norm=False)
+            layer_k = draft.layer_states.index_copy(1, leaves, leaf_hidden.to(draft.layer_states.dtype))
+            hidden = verifier.forward(layer_k, positions, slots, bias, layers=(k, verifier.num_layers))
         return hidden, verifier.logits(hidden)  # every node is checked
 
     @torch.no_grad()

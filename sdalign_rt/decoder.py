@@ -69,6 +69,9 @@ class SpeculativeDecoder:
     lean : None (default) runs LLaMA-family models through the runtime's lean forward and others through
         transformers; False forces the transformers forward; True insists on the lean one.
     compile : torch.compile the forwards (optional, measured; off by default).
+    reuse_layers : None (default) lets the verify forward start draft nodes at layer k from the drafter's states
+        where the drafter is the verifier's own first k layers, the tree static and the forward lean (LayerSkip's
+        reuse: no layer computed twice); False always runs every layer for every node (for comparison).
     graphs : None (default) captures each decode step whole as a CUDA graph on CUDA (a failed capture warns
         and runs eagerly); False keeps steps eager. No effect on the CPU.
 
@@ -88,7 +91,8 @@ class SpeculativeDecoder:
     def __init__(self, target, draft, adapter: BottleneckAdapter | None = None, mode: str = "greedy",
                  tree: TreeSpec | None = None, feature_threshold: float = 0.9, draft_layers: int | None = None,
                  eos_token_id=None, pad_token_id: int | None = None, vocab_map: VocabMap | None = None,
-                 lean: bool | None = None, compile: bool = False, graphs: bool | None = None):
+                 lean: bool | None = None, compile: bool = False, graphs: bool | None = None,
+                 reuse_layers: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if draft is None:  # plain one-token decoding through the same runtime: the baseline of the lean step
@@ -111,11 +115,14 @@ class SpeculativeDecoder:
             check_draft_layers(draft, draft_layers)
         self.draft_layers = draft_layers
         # Which forward each model runs, decided (and refused where it cannot work) before any call.
-        uses_lean_forward(target, lean, "the verifier")
+        target_lean = uses_lean_forward(target, lean, "the verifier")
         if draft is not None:
             uses_lean_forward(draft, lean, "the drafter")
+        # Layer reuse: the verify forward starts draft nodes at layer k (static trees on the verifier's own layers).
+        self.reuse_layers = bool(reuse_layers is not False and draft is target and draft_layers is not None
+                                 and vocab_map is None and tree.is_static and target_lean)
         self.drafter = Drafter(draft, target, tree, adapter=adapter, vocab_map=vocab_map, draft_layers=draft_layers,
-                               keep_states=self.mode is Mode.FEATURE)
+                               keep_states=self.mode is Mode.FEATURE, keep_layer_states=self.reuse_layers)
         config = getattr(target, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
         self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))

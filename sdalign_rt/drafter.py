@@ -45,6 +45,8 @@ class Draft:
     ranks: torch.Tensor  # [B or 1, N] rank among the parent's drafted children (0: the top token), -1 at the root
     drafter_offsets: torch.Tensor  # [B or 1, N] node's offset in the drafter's tree region, -1 if never run
     node_states: torch.Tensor | None = None  # [B, N, D] what each run node's drafts were scored from (feature mode)
+    layer_states: torch.Tensor | None = None  # [B, N, D] shallow drafter's raw layer-k state of each run node (zeros
+    #                                           at leaves): the verify forward starts those nodes at layer k
 
 
 @dataclass
@@ -58,10 +60,12 @@ class DrafterState:
 
 class Drafter:
     def __init__(self, draft, target, tree: TreeSpec, adapter: BottleneckAdapter | None = None,
-                 vocab_map: VocabMap | None = None, draft_layers: int | None = None, keep_states: bool = False):
+                 vocab_map: VocabMap | None = None, draft_layers: int | None = None, keep_states: bool = False,
+                 keep_layer_states: bool = False):
         self.model, self.target, self.tree = draft, target, tree
         self.adapter, self.vocab_map, self.draft_layers = adapter, vocab_map, draft_layers
         self.keep_states = keep_states
+        self.keep_layer_states = keep_layer_states  # layer reuse: static trees on the verifier's own layers
         # Self-speculative: the drafter's layers are the verifier's first k, so their K/V are the verifier's.
         # No drafter at all (plain decoding): nothing of its own either.
         self.shares_verifier_cache = draft is None or (draft is target and draft_layers is not None
@@ -185,9 +189,10 @@ class Drafter:
         """This step's tree for roots [B] (verifier ids)."""
         if self.model is None:  # plain decoding: the root alone
             return Draft(root[:, None], plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets)
-        root_states = self.states(self.root_forward(state, root), state.context)
+        root_hidden = self.root_forward(state, root)
+        root_states = self.states(root_hidden, state.context)
         if self.tree.is_static:
-            return self._draft_static(state, root, root_states, plan)
+            return self._draft_static(state, root, root_hidden, root_states, plan)
         return self._draft_dynamic(state, root, root_states)
 
     def root_forward(self, state: DrafterState, root: torch.Tensor) -> torch.Tensor:
@@ -239,14 +244,17 @@ class Drafter:
         return runner.forward(runner.embed(tokens), positions, slots.expand(tokens.shape),
                               cache.attention_bias(block.to(cache.device), length))
 
-    def _draft_static(self, state, root, root_states, plan: TreePlan) -> Draft:
+    def _draft_static(self, state, root, root_hidden, root_states, plan: TreePlan) -> Draft:
         batch = root.shape[0]
         tokens = torch.empty(batch, plan.nodes, dtype=torch.long, device=root.device)
         tokens[:, 0] = root
-        node_states = None
+        node_states = layer_states = None
         if self.keep_states:
             node_states = root_states.new_zeros(batch, plan.nodes, root_states.shape[-1])
             node_states[:, 0] = root_states
+        if self.keep_layer_states:
+            layer_states = root_hidden.new_zeros(batch, plan.nodes, root_hidden.shape[-1])
+            layer_states[:, 0] = root_hidden
         level_states = root_states[:, None]  # [B, w, D] of the previous level's expanded nodes
         level_scores = self.scores(level_states)
         for depth in range(1, plan.depth + 1):
@@ -258,13 +266,16 @@ class Drafter:
                 break
             run = plan.expanded[depth]  # the level's nodes with children; the others are leaves
             hidden = self.level_forward(state, tokens[:, run], depth, run[None], plan.block[:, run, :end])
+            if layer_states is not None:
+                layer_states[:, run] = hidden
             # A node's context is its parent's predicted verifier state: the true one is not known yet.
             parents_in_above = plan.parent_in_level[depth][run - start]
             level_states = self.states(hidden, level_states[:, parents_in_above])
             level_scores = self.scores(level_states)
             if node_states is not None:
                 node_states[:, run] = level_states
-        return Draft(tokens, plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets, node_states)
+        return Draft(tokens, plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets, node_states,
+                     layer_states)
 
     def _draft_dynamic(self, state, root, root_states) -> Draft:
         """EAGLE-2 with fixed widths: per level the top_k candidates of the newest level by cumulative draft

@@ -96,11 +96,17 @@ class LeanLlamaForward:
         return self.decoder.embed_tokens(token_ids)
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 bias: torch.Tensor) -> torch.Tensor:
+                 bias: torch.Tensor, layers: tuple[int, int] | None = None, norm: bool = True) -> torch.Tensor:
+        """layers=(start, stop): run layers [start, stop) only, `embeds` being layer start's input; the final norm
+        of a full model applies when stop is its last layer and `norm` holds (a raw layer-k state of a model with
+        k layers in all needs norm=False). The verify forward starts draft nodes at layer k from the states
+        shallow drafting computed (LayerSkip's reuse)."""
         batch, tokens = embeds.shape[:2]
+        start, stop = layers if layers is not None else (0, self.num_layers)
         hidden = embeds
         per_device = {}  # what each device's layers share: rotary tables, the bias, the slot index
-        for index, layer in enumerate(self.layers):
+        for index in range(start, stop):
+            layer = self.layers[index]
             device = self._devices[index]
             if device not in per_device:
                 hidden = hidden.to(device)
@@ -109,7 +115,7 @@ class LeanLlamaForward:
                 per_device[device] = (cos, sin, bias.to(device), slot_index)
             cos, sin, device_bias, slot_index = per_device[device]
             hidden = self._layer(layer, index, hidden, cos, sin, device_bias, slot_index)
-        if self.norm is not None:
+        if self.norm is not None and norm and stop == self.num_layers:
             hidden = self.norm(hidden)
         return hidden
 

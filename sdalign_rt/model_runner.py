@@ -85,10 +85,19 @@ class ModelRunner:
         self._run = torch.compile(self._forward, mode="reduce-overhead" if graphed else None, dynamic=False)
         self._graphed = graphed
 
+    @property
+    def num_layers(self) -> int:
+        return self._forward.num_layers
+
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                bias: torch.Tensor) -> torch.Tensor:
-        hidden = self._run(embeds, self._clamp(positions), slots, bias)
+                bias: torch.Tensor, layers: tuple[int, int] | None = None, norm: bool = True) -> torch.Tensor:
+        """layers=(start, stop) runs a slice of the layers, norm=False leaves out the final norm (lean forward
+        only; see LeanLlamaForward)."""
+        if layers is None:
+            hidden = self._run(embeds, self._clamp(positions), slots, bias)
+        else:
+            hidden = self._run(embeds, self._clamp(positions), slots, bias, layers, norm)
         if self._graphed:  # the drafter keeps a level's states while the same graph runs the next level
             hidden = hidden.clone()
         # Back to where the bookkeeping lives (a model split over devices ends on its last one).

@@ -11,6 +11,7 @@ depth or reads a node count back to the host. Worked example, choices [(0,), (1,
     expanded  [[0], [1], []]                       (nodes with children: the drafter runs only those)
     block     row 3 sees nodes 0, 1, 3             (additive: 0 there, dtype min elsewhere)
     drafted   offsets [0, 1, -1, -1]                (node 1 at offset 1 of the drafter's tree region; leaves: -1)
+    leaves    [2, 3]                                (never run by the drafter: layer reuse runs their first layers)
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ class TreePlan:
     parent_in_level: tuple  # per depth d >= 1: [n_d] each node's parent's index within expanded[d - 1]
     children_needed: tuple  # per depth d >= 1: how many top tokens the expanded nodes of d - 1 must provide
     drafter_offsets: torch.Tensor  # [1, N]: where the drafter's tree region holds node i (-1: never run)
+    leaves: torch.Tensor  # [n_leaves] the nodes the drafter never runs (no children); layer reuse runs only these
+    leaf_block: torch.Tensor  # [1, n_leaves, N] their rows of `block`
 
     @classmethod
     def build(cls, spec: TreeSpec, device, dtype: torch.dtype, batch: int = 1) -> "TreePlan":
@@ -64,6 +67,9 @@ class TreePlan:
         drafted = torch.tensor([[i if i == 0 or i in has_children else -1 for i in range(len(depth_list))]],
                                dtype=torch.int64, device=device)
         expanded = tuple(torch.tensor(nodes, dtype=torch.int64, device=device) for nodes in expanded)
+        block = additive(masks.mask[:, 0], dtype)
+        leaves = torch.tensor([i for i in range(1, len(depth_list)) if i not in has_children], dtype=torch.int64,
+                              device=device)
         return cls(len(depth_list), spec.depth, parents.expand(batch, -1).contiguous(), masks.depth, ranks,
-                   additive(masks.mask[:, 0], dtype), tuple(levels), expanded, tuple(parent_in_level),
-                   tuple(children_needed), drafted)
+                   block, tuple(levels), expanded, tuple(parent_in_level), tuple(children_needed), drafted, leaves,
+                   block[:, leaves])

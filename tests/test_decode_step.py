@@ -198,3 +198,41 @@ def test_an_interrupted_call_leaves_the_decoder_correct():
         decoder.generate(ids, 20, attention_mask=mask, callback=stop)
     assert len(decoder.idle_workspaces()) == 1
     assert torch.equal(decoder.generate(ids, 20, attention_mask=mask).sequences, reference(ids, mask, 20))
+
+
+@pytest.mark.parametrize("tree", ["chain4", "static"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_layer_reuse_equals_the_full_verify_forward(monkeypatch, tree, layers):
+    """Drafting from the verifier's own first k layers (k = 2: all of them, a raw state the final norm must see
+    once): the verify forward that starts drafted nodes at layer k gives every node the state a full forward
+    gives, and the decode stays lossless."""
+    model = tiny_llama(3, layers=2)
+    full = sd.DecodeStep.verify_forward
+    differences = []
+
+    def both(step, draft):
+        assert step.reuse_layers
+        hidden, logits = full(step, draft)
+        step.reuse_layers = False
+        plain, _ = full(step, draft)  # rewrites the same slots with the same values
+        step.reuse_layers = True
+        differences.append(float((hidden - plain).abs().max()))
+        return hidden, logits
+
+    monkeypatch.setattr(sd.DecodeStep, "verify_forward", both)
+    ids, mask = left_padded_prompts([5, 3], 2)
+    adapter = sd.BottleneckAdapter(64, 8, context_size=64)
+    decoder = sd.SpeculativeDecoder(target=model, draft=model, adapter=adapter, tree=TREES[tree], draft_layers=layers)
+    out = decoder.generate(ids, 14, attention_mask=mask)
+    assert decoder.reuse_layers and differences and max(differences) < 1e-4, differences
+    assert torch.equal(out.sequences, model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False))
+
+
+def test_layer_reuse_applies_only_where_it_is_exact():
+    model = tiny_llama(3, layers=2)
+    assert not sd.SpeculativeDecoder(target=model, draft=model, tree=TREES["dynamic"], draft_layers=1).reuse_layers
+    assert not sd.SpeculativeDecoder(target=model, draft=DRAFTS["perturbed"], tree=TREES["static"]).reuse_layers
+    assert not sd.SpeculativeDecoder(target=model, draft=model, tree=TREES["static"], draft_layers=1,
+                                     reuse_layers=False).reuse_layers
+    assert not sd.SpeculativeDecoder(target=model, draft=model, tree=TREES["static"], draft_layers=1,
+                                     lean=False).reuse_layers

@@ -91,9 +91,9 @@ class ForwardLog:
         self.calls = []
         original = ModelRunner.forward
 
-        def logged(runner, embeds, *args):
+        def logged(runner, embeds, *args, **kwargs):
             self.calls.append((runner, embeds.shape[1]))
-            return original(runner, embeds, *args)
+            return original(runner, embeds, *args, **kwargs)
 
         monkeypatch.setattr(ModelRunner, "forward", logged)
 
@@ -115,7 +115,11 @@ def test_forwards_per_step_have_fixed_widths_and_no_rereads(monkeypatch, tree, s
     steps = out.stats["steps"]
     verify_widths = [w for r, w in log.calls if r is verifier]
     draft_widths = [w for r, w in log.calls if r is not verifier]
-    assert verify_widths == [spec.num_nodes] * steps
+    if shared and spec.is_static:  # layer reuse: the leaves' first layer, then every node from layer 1 on
+        leaves = TreePlan.build(spec, "cpu", torch.float32, 2).leaves
+        assert decoder.reuse_layers and verify_widths == [len(leaves), spec.num_nodes] * steps
+    else:
+        assert verify_widths == [spec.num_nodes] * steps
     if spec.is_static:
         plan = TreePlan.build(spec, "cpu", torch.float32, 2)
         levels = [len(plan.expanded[d]) for d in range(1, spec.depth)]  # only nodes with children run
