@@ -35,6 +35,9 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from revisions import run_worker, worktree  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
@@ -223,23 +226,9 @@ def _one_token_vs_hf(model, prompts, new_tokens: int) -> dict:
 
 # ---- driver -------------------------------------------------------------------------------------------------
 
-def _worktree(rev: str) -> str:
-    path = os.path.join("/tmp", f"sdalign_rt_before_{rev}")
-    if not os.path.isdir(path):
-        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, rev], check=True,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=path, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return path
-
-
 def _run_worker(root: str, config: str, new_tokens: int, counting: bool, quick: bool) -> dict:
-    env = dict(os.environ, PYTHONPATH=root)
-    command = [sys.executable, os.path.abspath(__file__), "--worker", config, "--new-tokens", str(new_tokens)]
-    command += ["--counting"] if counting else []
-    command += ["--quick"] if quick else []
-    done = subprocess.run(command, cwd=root, env=env, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    args = [config, "--new-tokens", str(new_tokens)] + (["--counting"] if counting else []) + (["--quick"] if quick else [])
+    return run_worker(root, os.path.abspath(__file__), args)
 
 
 def main(argv=None) -> int:
@@ -258,7 +247,7 @@ def main(argv=None) -> int:
         return 0
     from sdalign_rt.demo.experiment import environment
 
-    roots = {"after": ROOT, "before": _worktree(args.before)}
+    roots = {"after": ROOT, "before": worktree(args.before)}
     result = {"before_rev": args.before, "after_rev": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short",
                                                                       "HEAD"], capture_output=True,
                                                                      text=True).stdout.strip(),

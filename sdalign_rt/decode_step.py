@@ -161,14 +161,14 @@ class DecodeStep:
         cache = verifier.cache
         slots = cache.lengths[:, None] + cache.slot_range(draft.tokens.shape[1])  # [B, N]: node i at length + i
         positions = cache.next_positions()[:, None] + draft.depths  # e.g. length 7, depths [0, 1, 1, 2] -> [7, 8, 8, 9]
-        bias = cache.attention_bias(draft.block, cache.lengths)
+        bias = cache.mask(draft.block, cache.lengths)
         if not self.reuse_layers or draft.layer_states is None:
             hidden = verifier.forward(verifier.embed(draft.tokens), positions, slots, bias)
         else:
             k, leaves = self.drafter.draft_layers, self.plan.leaves
             # The leaves' first k layers: they see their ancestors' layer-< k K/V, which the drafter wrote.
             leaf_hidden = verifier.forward(verifier.embed(draft.tokens[:, leaves]), positions[:, leaves],
-                                           slots[:, leaves], cache.attention_bias(self.plan.leaf_block, cache.lengths),
+                                           slots[:, leaves], cache.mask(self.plan.leaf_block, cache.lengths),
                                            layers=(0, k), norm=False)
             layer_k = draft.layer_states.index_copy(1, leaves, leaf_hidden.to(draft.layer_states.dtype))
             hidden = verifier.forward(layer_k, positions, slots, bias, layers=(k, verifier.num_layers))

@@ -25,7 +25,7 @@ import torch
 
 from sdalign_rt import checks, ops
 from sdalign_rt.adapter import BottleneckAdapter
-from sdalign_rt.decode_step import MODES, DecodeStep, Mode, Sampling, feature_path  # noqa: F401 (re-exported)
+from sdalign_rt.decode_step import MODES, DecodeStep, Mode, Sampling
 from sdalign_rt.drafter import Drafter
 from sdalign_rt.lean_llama import sliding_window
 from sdalign_rt.model_runner import learned_position_limit, text_config, uses_lean_forward
@@ -199,7 +199,7 @@ class SpeculativeDecoder:
         check_sampling_args(temperature, top_k, top_p)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        batch, device = input_ids.shape[0], input_ids.device
+        batch = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = self._infer_attention_mask(input_ids)
         prompt_lengths = _prompt_lengths("attention_mask", attention_mask, input_ids)

@@ -211,7 +211,7 @@ class Drafter:
             slots = torch.stack([previous_slot, length], dim=1)
             positions = cache.next_positions()[:, None] + self._pair_offsets(root.device)
             block, offset = self._block_root(cache.dtype, 2), length - 1
-        hidden = runner.forward(runner.embed(tokens), positions, slots, cache.attention_bias(block, offset))
+        hidden = runner.forward(runner.embed(tokens), positions, slots, cache.mask(block, offset))
         return hidden[:, -1]
 
     def _pair_offsets(self, device):
@@ -242,7 +242,7 @@ class Drafter:
         slots = length[:, None] + offsets.to(cache.device)
         positions = (cache.next_positions() + depth)[:, None].expand(tokens.shape)
         return runner.forward(runner.embed(tokens), positions, slots.expand(tokens.shape),
-                              cache.attention_bias(block.to(cache.device), length))
+                              cache.mask(block.to(cache.device), length))
 
     def _draft_static(self, state, root, root_hidden, root_states, plan: TreePlan) -> Draft:
         batch = root.shape[0]

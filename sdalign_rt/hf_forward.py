@@ -14,7 +14,7 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from sdalign_rt.kv_cache import StaticKVCache
+from sdalign_rt.kv_cache import CacheMask, StaticKVCache
 from sdalign_rt.lean_llama import sliding_window
 from sdalign_rt.shallow import shallow_view_of_decoder
 
@@ -91,6 +91,8 @@ class TransformersForward:
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  bias: torch.Tensor) -> torch.Tensor:
+        if isinstance(bias, CacheMask):
+            bias = bias.dense()
         self._adaptor.set_slots(slots, self._heads, self._head_dim)
         out = self.stack(inputs_embeds=embeds, attention_mask=bias, position_ids=positions, use_cache=True,
                          **{self._cache_keyword: self._adaptor})

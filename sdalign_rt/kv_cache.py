@@ -15,6 +15,8 @@ write that must land nowhere (a recomputed token whose K/V are already cached) g
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sdalign_rt import ops
@@ -120,12 +122,41 @@ class StaticKVCache:
                                 f"{self.scratch_slot} (capacity {self.capacity} minus one scratch slot); size it "
                                 "for prompt + max_new_tokens + the tree")
 
+    def mask(self, block: torch.Tensor, offset: torch.Tensor) -> "CacheMask":
+        """What T queries see: every row's committed slots, plus the block ([B or 1, T, W], additive) placed at
+        slot offset[b] + j, overriding the committed rule there. With offset = lengths, the block is the tree
+        region (node j at length + j). No [T, capacity] tensor is made until an attention needs one (dense())."""
+        return CacheMask(self, block, offset)
+
     def attention_bias(self, block: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """[B, 1, T, capacity] additive bias for T queries: every row's committed slots, plus the block
-        block[b, t, j] ([B or 1, T, W], additive) placed at slot offset[b] + j, over whatever the committed
-        bias says there. With offset = lengths, the block is the tree region (node j at length + j)."""
-        _, queries, width = block.shape
-        bias = self.bias[:, None, :].expand(self.batch, queries, self.capacity).clone()
-        columns = (offset[:, None, None] + self._slot_index[:width]).expand(self.batch, queries, width)
-        bias.scatter_(2, columns, block.expand(self.batch, queries, width).to(bias.dtype))
+        """The dense form of mask(block, offset): an additive bias [B, 1, T, capacity]."""
+        return self.mask(block, offset).dense()
+
+
+@dataclass
+class CacheMask:
+    """A forward's attention mask over a StaticKVCache in its structured form (see StaticKVCache.mask): the lean
+    forward hands it to sd.ops.tree_attention on CUDA, which reads only the slots a row uses; SDPA on the CPU and
+    transformers' forwards take its dense() bias."""
+    cache: StaticKVCache
+    block: torch.Tensor  # [B or 1, T, W] additive: 0 where visible, the dtype's min elsewhere
+    offset: torch.Tensor  # [B] int64: the block's first slot per row
+
+    @property
+    def queries(self) -> int:
+        return self.block.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        """[B, 1, T, capacity] additive bias: the committed bias with the block scattered over it."""
+        cache = self.cache
+        _, queries, width = self.block.shape
+        bias = cache.bias[:, None, :].expand(cache.batch, queries, cache.capacity).clone()
+        columns = (self.offset[:, None, None] + cache.slot_range(width)[:, None]).expand(cache.batch, queries, width)
+        bias.scatter_(2, columns, self.block.expand(cache.batch, queries, width).to(bias.dtype))
         return bias[:, None]
+
+    def parts(self, device) -> tuple:
+        """(starts, lengths, block bool, offset) on `device`, as sd.ops.tree_attention takes them."""
+        cache = self.cache
+        return (cache.starts.to(device), cache.lengths.to(device), (self.block == 0).to(device),
+                self.offset.to(device))

@@ -15,13 +15,15 @@ allowed where it never bites: generate refuses prompt + new tokens past it. Othe
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from sdalign_rt import ops
 from sdalign_rt.cpu_linear import project
-from sdalign_rt.kv_cache import StaticKVCache
+from sdalign_rt.kv_cache import CacheMask, StaticKVCache
 
 
 # Decoder layers built like LLaMA's: pre-norm attention (q/k/v/o projections; Qwen2's with biases, Qwen3's with
@@ -67,8 +69,9 @@ class LeanLlamaForward:
     """Runs a LLaMA decoder: all its layers and its final norm (num_layers=None), or its first num_layers
     layers with no norm (shallow drafting: the raw layer-k output, as output_hidden_states[k] gives it).
 
-    Call: (embeds[B, T, D], positions[B, T] int64, slots[B, T] int64, bias[B, 1, T, capacity]) -> hidden
-    [B, T, D]. The K/V of the T tokens land in `cache` at `slots`.
+    Call: (embeds[B, T, D], positions[B, T] int64, slots[B, T] int64, mask) -> hidden [B, T, D], the mask a
+    CacheMask (StaticKVCache.mask) or a dense additive bias [B, 1, T, capacity]. The K/V of the T tokens land in
+    `cache` at `slots`.
     """
 
     def __init__(self, decoder, cache: StaticKVCache, num_layers: int | None = None):
@@ -91,6 +94,11 @@ class LeanLlamaForward:
         self.heads = decoder.config.num_attention_heads
         self.kv_heads = decoder.config.num_key_value_heads
         self._devices = [cache.layer_device(i) for i in range(self.num_layers)]
+        # Decode-time attention: "auto" runs sd.ops.tree_attention on CUDA (cost follows the committed length, no
+        # dense mask) and SDPA over the dense bias elsewhere; "sdpa" / "kernel" force one (benchmarks, tests).
+        self.attention = os.environ.get("SDALIGN_RT_ATTENTION", "auto")
+        if self.attention not in ("auto", "sdpa", "kernel"):
+            raise ValueError(f"SDALIGN_RT_ATTENTION must be auto, sdpa or kernel, got {self.attention!r}")
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(token_ids)
@@ -112,12 +120,23 @@ class LeanLlamaForward:
                 hidden = hidden.to(device)
                 cos, sin = (t.to(device) for t in self.rotary(hidden, positions.to(device)))
                 slot_index = slots.to(device)[:, None, :, None].expand(batch, self.kv_heads, tokens, self.head_dim)
-                per_device[device] = (cos, sin, bias.to(device), slot_index)
+                per_device[device] = (cos, sin, self._device_mask(bias, device, tokens), slot_index)
             cos, sin, device_bias, slot_index = per_device[device]
             hidden = self._layer(layer, index, hidden, cos, sin, device_bias, slot_index)
         if self.norm is not None and norm and stop == self.num_layers:
             hidden = self.norm(hidden)
         return hidden
+
+    def _device_mask(self, mask, device, tokens: int):
+        """The mask as this device's attention takes it: tree_attention's parts (a tuple) where the kernel runs
+        (CUDA, decode widths), else a dense additive bias [B, 1, T, capacity]."""
+        if not isinstance(mask, CacheMask):
+            return mask.to(device)
+        group_rows = self.heads // self.kv_heads * tokens
+        if self.attention == "kernel" or (self.attention == "auto" and device.type == "cuda"
+                                          and group_rows <= ops.MAX_ATTENTION_ROWS and ops.triton_available()):
+            return mask.parts(device)
+        return mask.dense().to(device)
 
     def _layer(self, layer, index, hidden, cos, sin, bias, slot_index):
         batch, tokens = hidden.shape[:2]
@@ -133,7 +152,10 @@ class LeanLlamaForward:
         q, k = self._apply_rope(q, k, cos, sin)
         keys, values = self.cache.layer(index)
         StaticKVCache.write(keys, values, k, v, slot_index)
-        out = _attention(q, keys, values, bias, attention.scaling)
+        if isinstance(bias, tuple):  # only the slots each row uses (sd.ops.tree_attention)
+            out = ops.tree_attention(q.to(keys.dtype), keys, values, *bias, scale=attention.scaling).to(q.dtype)
+        else:
+            out = _attention(q, keys, values, bias, attention.scaling)
         hidden = hidden + project(attention.o_proj, out.transpose(1, 2).reshape(batch, tokens, -1))
         x = layer.post_attention_layernorm(hidden)
         mlp = layer.mlp  # LlamaMLP's own formula, its projections through `project`

@@ -21,7 +21,7 @@ from sdalign_rt.tree_masks import TreeMasks
 
 __all__ = [
     "fused_adapter", "cosine_accept", "adapter_cosine_accept", "build_tree", "verify_tree_greedy",
-    "verify_tree_sampling", "kv_compact", "BACKENDS", "get_backend", "set_backend", "use_backend",
+    "verify_tree_sampling", "kv_compact", "tree_attention", "BACKENDS", "get_backend", "set_backend", "use_backend",
     "available_backends", "value_checks", "resolve_backend",
 ]
 
@@ -29,6 +29,7 @@ BACKENDS = ("auto", "triton", "cpp", "reference")
 MAX_HIDDEN = 8192  # the adapter kernel's limits (registers for the [rows, R] bottleneck)
 MAX_BOTTLENECK = 512
 MAX_TREE_NODES = 128  # the tree kernels hold an N x N tile per program
+MAX_ATTENTION_ROWS = 128  # tree_attention: G * T query rows per program (kernels/tree_attention.py)
 
 _backend_override: str | None = None
 
@@ -522,3 +523,58 @@ def _move_slots(cache: torch.Tensor, src, dst):
         keep = src[b] >= 0
         rows = cache[:, b].index_select(-2, src[b][keep])
         cache[:, b].index_copy_(-2, dst[b][keep], rows)
+
+
+def tree_attention(q, keys, values, starts, lengths, block, offset, scale: float | None = None):
+    """Attention of tree (or decode) queries over a static KV cache, reading only the slots each row uses.
+
+    Parameters
+    ----------
+    q : [B, H, T, Dh] float32 / float16 / bfloat16, the queries (already rotated).
+    keys, values : [B, H_kv, S, Dh] in q's dtype, the cache (S: its capacity); H a multiple of H_kv (query head h
+        reads KV head h // (H / H_kv)).
+    starts, lengths : [B] int64: row b's committed slots are [starts[b], lengths[b]).
+    block : [B or 1, T, W] bool: query t sees slot offset[b] + j iff block[b, t, j]; inside those W slots the
+        block decides, outside them the committed range does.
+    offset : [B] int64. scale : float, default Dh ** -0.5.
+
+    Returns
+    -------
+    out : [B, H, T, Dh] in q's dtype. Every query must see at least one slot. On CUDA one split-K Triton launch plus
+    a merge: it never reads slots outside [min(start, offset), max(length, offset + W)), so its cost follows the
+    committed length, not S. Elsewhere the reference (a dense mask).
+
+    Example
+    -------
+    >>> q = torch.ones(1, 1, 1, 2); keys = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]]])
+    >>> values = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]])
+    >>> one = torch.tensor([0]); two = torch.tensor([2]); sees_itself = torch.ones(1, 1, 1, dtype=torch.bool)
+    >>> tree_attention(q, keys, values, one, one, sees_itself, one, scale=1.0).tolist()  # slot 0 only
+    [[[[1.0, 0.0]]]]
+    >>> tree_attention(q, keys, values, one, two, sees_itself, one, scale=1.0).tolist()  # slots 0, 1 (not 2)
+    [[[[0.5, 0.5]]]]
+    """
+    checks.tensor("q", q, ndim=4, dtypes=checks.FLOAT_DTYPES)
+    batch, heads, tokens, head_dim = q.shape
+    checks.tensor("keys", keys, ndim=4, dtypes=(q.dtype,))
+    checks.tensor("values", values, ndim=4, dtypes=(q.dtype,))
+    if keys.shape != values.shape or keys.shape[0] != batch or keys.shape[3] != head_dim:
+        raise ValueError(f"keys / values must be [B={batch}, H_kv, S, Dh={head_dim}] alike, got {tuple(keys.shape)} "
+                         f"and {tuple(values.shape)}")
+    if heads % keys.shape[1]:
+        raise ValueError(f"q's {heads} heads are not a multiple of the cache's {keys.shape[1]} KV heads")
+    for name, tensor in (("starts", starts), ("lengths", lengths), ("offset", offset)):
+        checks.tensor(name, tensor, ndim=1, dtypes=(torch.int64,))
+        checks.shape(name, tensor, (batch,), "one per row")
+    checks.tensor("block", block, ndim=3, dtypes=(torch.bool,))
+    if block.shape[0] not in (1, batch) or block.shape[1] != tokens:
+        raise ValueError(f"block must be [B or 1, T={tokens}, W], got {tuple(block.shape)}")
+    checks.same_device(q=q, keys=keys, values=values, starts=starts, lengths=lengths, block=block, offset=offset)
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    rows = heads // keys.shape[1] * tokens
+    fits = None if rows <= MAX_ATTENTION_ROWS else f"{rows} query rows per KV head exceed the kernel's tile"
+    backend = resolve_backend("tree_attention", q.device, has_cpp=False, triton_ok=fits)
+    if backend == "triton":
+        return _kernels("tree_attention").tree_attention(q, keys, values, starts.contiguous(), lengths.contiguous(),
+                                                         block, offset.contiguous(), scale)
+    return reference.tree_attention(q, keys, values, starts, lengths, block, offset, scale)

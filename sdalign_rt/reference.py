@@ -252,3 +252,30 @@ def kv_compact(caches: Sequence[torch.Tensor], accept_nodes: torch.Tensor, prefi
             rows = cache[..., b, :, :, :].index_select(-2, s)  # gather before scatter: ranges may overlap
             cache[..., b, :, :, :].index_copy_(-2, d, rows)
     return new_len
+
+
+def cache_visibility(starts: torch.Tensor, lengths: torch.Tensor, block: torch.Tensor, offset: torch.Tensor,
+                     capacity: int) -> torch.Tensor:
+    """[B, T, S] bool: which cache slots each query sees. Row b's committed slots [starts_b, lengths_b), and over
+    the W slots from offset_b the block [B or 1, T, W] (bool), which overrides the committed rule there."""
+    batch, tokens, width = starts.shape[0], block.shape[1], block.shape[2]
+    slots = torch.arange(capacity, device=starts.device)
+    committed = (slots >= starts[:, None]) & (slots < lengths[:, None])  # [B, S]
+    column = slots[None, :] - offset[:, None]  # [B, S]: index into the block, where in [0, W)
+    in_block = (column >= 0) & (column < width)
+    from_block = block.expand(batch, tokens, width).gather(2, column.clamp(0, width - 1)[:, None, :].expand(
+        batch, tokens, capacity))
+    return torch.where(in_block[:, None, :], from_block, committed[:, None, :])
+
+
+def tree_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                   lengths: torch.Tensor, block: torch.Tensor, offset: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v over the cache (q [B, H, T, Dh]; keys / values [B, H_kv, S, Dh], query head h
+    reading KV head h // (H / H_kv)), the mask from cache_visibility; fp32 math, output in q's dtype."""
+    heads, kv_heads = q.shape[1], keys.shape[1]
+    visible = cache_visibility(starts, lengths, block, offset, keys.shape[2])
+    k = keys.float().repeat_interleave(heads // kv_heads, dim=1)
+    v = values.float().repeat_interleave(heads // kv_heads, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype)
