@@ -8,7 +8,8 @@ own first 4 layers through a BottleneckAdapter(4096, 256) (self-speculative; ran
 does not change a step's cost); 630 context tokens.
 
 Parts (each writes its key of the JSON as soon as it is done):
-  decode_step      per (batch 1 / 4, chain of 4 / 8-node tree, eager / graphed): wall ms per step (a whole step
+  decode_step      per (batch 1 / 4, chain of 4 / 8-node tree, eager / graphed; and batch 1 chain with SDPA over
+                   the dense mask instead of sd.ops.tree_attention): wall ms per step (a whole step
                    with its read-back), GPU kernel ms per step (profiler), and the parts' times. Eager parts are
                    synchronized wall clocks; graphed parts are three graphs (draft, verify forward, accept + commit)
                    replayed in turn between CUDA events. bookkeeping_share_of_verify = accept + commit + read-back
@@ -130,14 +131,27 @@ def _parts_graphed(step, device, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def decode_step_row(model, adapter, batch: int, tree: str, graphed: bool, device, steps: int) -> dict:
+def decode_step_row(model, adapter, batch: int, tree: str, graphed: bool, device, steps: int,
+                    attention: str = "auto") -> dict:
+    previous = os.environ.get("SDALIGN_RT_ATTENTION")
+    os.environ["SDALIGN_RT_ATTENTION"] = attention  # read when the runners are built (the session below)
+    try:
+        return _decode_step_row(model, adapter, batch, tree, graphed, device, steps, attention)
+    finally:
+        if previous is None:
+            os.environ.pop("SDALIGN_RT_ATTENTION")
+        else:
+            os.environ["SDALIGN_RT_ATTENTION"] = previous
+
+
+def _decode_step_row(model, adapter, batch, tree, graphed, device, steps, attention) -> dict:
     decoder = sd.SpeculativeDecoder(model, model, adapter=adapter, tree=TREES[tree], draft_layers=DRAFT_LAYERS,
                                     graphs=None if graphed else False)
     ids = torch.randint(1, model.config.vocab_size, (batch, CONTEXT), device=device)
     mask = torch.ones_like(ids)
     slots = CONTEXT + 6 * (3 * steps + 16)
     row = {"batch": batch, "tree": tree, "nodes": TREES[tree].num_nodes, "graphed": graphed,
-           "draft_layers": DRAFT_LAYERS, "context": CONTEXT}
+           "draft_layers": DRAFT_LAYERS, "context": CONTEXT, "attention": attention}
     with sd.ops.value_checks(False), decoder.session(batch, slots) as step:
         step.prefill(ids, mask)
         start = time.perf_counter()
@@ -262,7 +276,14 @@ def main(argv=None) -> int:
                     print(json.dumps(row), flush=True)
                     result["decode_step"] = rows
                     write()
-        first = [r for r in rows if r["batch"] == 1 and r["tree"] == "chain4"]
+        if device.type == "cuda":  # the same step with SDPA over the dense mask instead of tree_attention
+            for graphed in (False, True):
+                row = decode_step_row(model, adapter, 1, "chain4", graphed, device, steps, attention="sdpa")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                result["decode_step"] = rows
+                write()
+        first = [r for r in rows if r["batch"] == 1 and r["tree"] == "chain4" and r["attention"] == "auto"]
         result["decode_step_eager"] = next((r for r in first if not r["graphed"]), None)
         result["decode_step_graphed"] = next((r for r in first if r["graphed"]), None)
         write()

@@ -17,7 +17,7 @@ from sdalign_rt.cpu_linear import project
 from sdalign_rt.hf_forward import TransformersForward, check_mask_respected
 from sdalign_rt.kv_cache import StaticKVCache, additive
 from sdalign_rt.lean_llama import LeanLlamaForward, lean_unsupported
-from sdalign_rt.shallow import merged_input_embeddings
+from sdalign_rt.shallow import decoder_layers, merged_input_embeddings
 
 
 def text_config(model):
@@ -26,21 +26,14 @@ def text_config(model):
 
 def new_cache(model, batch: int, capacity: int, num_layers: int | None = None) -> StaticKVCache:
     """A StaticKVCache for `model`'s first num_layers decoder layers (all by default), one buffer per device."""
-    decoder = model.get_decoder()
     config = text_config(model)
-    layers = list(_layer_list(decoder))[:num_layers]
+    layers = list(decoder_layers(model))[:num_layers]
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     devices = [next(layer.parameters()).device for layer in layers]
     dtype = model.get_input_embeddings().weight.dtype  # the hidden states' dtype (4-bit layers keep it)
     return StaticKVCache(devices, batch, kv_heads, head_dim, capacity, dtype)
-
-
-def _layer_list(decoder):
-    from sdalign_rt.shallow import _LAYER_LISTS, _attribute
-
-    return getattr(decoder, _attribute(decoder, _LAYER_LISTS, "decoder layer list"))
 
 
 def uses_lean_forward(model, lean: bool | None, who: str = "the model") -> bool:
@@ -79,6 +72,13 @@ class ModelRunner:
         overwrite it). graphs=False when a whole-step CUDA graph captures the compiled forward instead."""
         cuda = self.cache.device.type == "cuda"
         graphed = cuda and graphs
+        # The drafter's and the verifier's runners share one code object (LeanLlamaForward.__call__), and each
+        # width is its own graph: their entries fill one per-code cache, whose default limit (8) would send the
+        # rest to eager without a word. Room for both runners' widths and layer slices:
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 64))
         if graphed:
             for tensor in self.cache.static_tensors():
                 torch._dynamo.mark_static_address(tensor)
