@@ -27,7 +27,7 @@ from sdalign_rt import checks, ops
 from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.decode_step import MODES, DecodeStep, Mode, Sampling
 from sdalign_rt.drafter import Drafter
-from sdalign_rt.lean_llama import sliding_window
+from sdalign_rt.mask_support import sliding_window
 from sdalign_rt.model_runner import learned_position_limit, text_config, uses_lean_forward
 from sdalign_rt.sampling import check_sampling_args
 from sdalign_rt.shallow import check_draft_layers

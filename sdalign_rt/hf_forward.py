@@ -15,25 +15,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from sdalign_rt.kv_cache import CacheMask, StaticKVCache
-from sdalign_rt.lean_llama import sliding_window
+from sdalign_rt.mask_support import check_mask_respected
 from sdalign_rt.shallow import shallow_view_of_decoder
-
-# Attention implementations that build their own (causal) masking and would silently drop a tree mask.
-_MASK_IGNORING = ("flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention")
-
-
-def check_mask_respected(config, who: str) -> None:
-    """A clear error where transformers would decode with a causal mask instead of the tree mask."""
-    implementation = getattr(config, "_attn_implementation", None) or ""
-    if any(implementation.startswith(name) for name in _MASK_IGNORING):
-        raise ValueError(f"{who} uses attn_implementation={implementation!r}, which ignores a custom attention mask: "
-                         "tree and padding masks would be silently replaced by a causal one. Load it with "
-                         "attn_implementation='sdpa' or 'eager' (LLaMA-family models run the lean forward instead)")
-    window = sliding_window(config)
-    if window:
-        raise ValueError(f"{who} uses sliding-window attention (sliding_window={window}), which the runtime's "
-                         "static cache and tree masks do not implement")
-
 
 class _SlotLayer(DynamicLayer):
     def __init__(self, cache: StaticKVCache, index: int):

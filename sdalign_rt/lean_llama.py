@@ -41,15 +41,6 @@ def _lean_layer(layer) -> bool:
             and hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm"))
 
 
-def sliding_window(config) -> int | None:
-    """The attention window of a decoder config, None when every layer attends to the whole prefix (Qwen2 sets
-    a window that only its use_sliding_window flag turns on)."""
-    window = getattr(config, "sliding_window", None)
-    if not window or not getattr(config, "use_sliding_window", True):
-        return None
-    return window
-
-
 def lean_unsupported(decoder) -> str | None:
     """None if `decoder` (a model's decoder stack) can run lean, else why not."""
     layers = getattr(decoder, "layers", None)

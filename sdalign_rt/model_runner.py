@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from sdalign_rt.cpu_linear import project
-from sdalign_rt.hf_forward import TransformersForward, check_mask_respected
 from sdalign_rt.kv_cache import StaticKVCache, additive
 from sdalign_rt.lean_llama import LeanLlamaForward, lean_unsupported
+from sdalign_rt.mask_support import check_mask_respected
 from sdalign_rt.shallow import decoder_layers, merged_input_embeddings
 
 
@@ -55,8 +55,12 @@ class ModelRunner:
         transformers fallback (tests run both)."""
         self.model, self.cache = model, cache
         self.lean = uses_lean_forward(model, lean)
-        forward_class = LeanLlamaForward if self.lean else TransformersForward
-        self._forward = forward_class(model.get_decoder(), cache, num_layers)
+        if self.lean:
+            self._forward = LeanLlamaForward(model.get_decoder(), cache, num_layers)
+        else:
+            from sdalign_rt.hf_forward import TransformersForward  # transformers only where it runs
+
+            self._forward = TransformersForward(model.get_decoder(), cache, num_layers)
         self._run = self._forward  # the call itself (replaced by its compiled version)
         self._graphed = False  # CUDA graphs: a replay overwrites the previous replay's output
         self.position_limit = learned_position_limit(model)
