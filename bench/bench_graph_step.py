@@ -173,8 +173,10 @@ def _decode_step_row(model, adapter, batch, tree, graphed, device, steps, attent
     return row
 
 
-def one_token_decode(model, device, new_tokens: int, rounds: int, smoke: bool) -> dict:
-    """Tokens/s of the decode alone (generate of new_tokens + 1 minus generate of 1), interleaved, medians."""
+def one_token_decode(model, device, new_tokens: int, rounds: int, smoke: bool, progress=lambda partial: None) -> dict:
+    """Tokens/s of the decode alone (generate of new_tokens + 1 minus generate of 1), interleaved, medians.
+    HF's static cache + compile warms up last (its compile is the slow part): `progress` gets the figures so far
+    after every warm-up and round, so a timeout still leaves them."""
     ids = torch.randint(1, model.config.vocab_size, (1, CONTEXT), device=device)
     ours = sd.SpeculativeDecoder(model, None)
     systems = {"ours": lambda n: ours.generate(ids, n).sequences,
@@ -188,6 +190,7 @@ def one_token_decode(model, device, new_tokens: int, rounds: int, smoke: bool) -
         run(1), run(new_tokens + 1)
         _sync(device)
         warmup_s[name] = time.perf_counter() - start
+        progress({"warmup_s": dict(warmup_s)})
     for _ in range(rounds):
         for name, run in systems.items():
             _sync(device)
@@ -199,6 +202,7 @@ def one_token_decode(model, device, new_tokens: int, rounds: int, smoke: bool) -
             _sync(device)
             t2 = time.perf_counter()
             samples[name].append(new_tokens / max((t2 - t1) - (t1 - t0), 1e-9))
+        progress({"by_round": {k: list(v) for k, v in samples.items()}, "warmup_s": dict(warmup_s)})
     result = {f"{name}_tokens_per_s": statistics.median(values) for name, values in samples.items()}
     result["by_round"] = samples
     result["warmup_s"] = warmup_s
@@ -288,7 +292,12 @@ def main(argv=None) -> int:
         result["decode_step_graphed"] = next((r for r in first if r["graphed"]), None)
         write()
     if "one_token_decode" in parts:
-        result["one_token_decode"] = one_token_decode(model, device, 16 if smoke else 128, 1 if smoke else 3, smoke)
+        def partial(figures):
+            result["one_token_decode"] = {"partial": True, **figures}
+            write()
+
+        result["one_token_decode"] = one_token_decode(model, device, 16 if smoke else 128, 1 if smoke else 3, smoke,
+                                                      partial)
         write()
         print("one_token_decode", json.dumps(result["one_token_decode"]), flush=True)
     print(f"wrote {out}")

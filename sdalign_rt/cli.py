@@ -50,6 +50,7 @@ def _generate(args) -> int:
 
     import sdalign_rt as sd
 
+    _check_generate_args(args)
     _require_dirs("generate", args)
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
@@ -57,12 +58,18 @@ def _generate(args) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(args.device).eval()
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).to(args.device).eval()
+    # Without --draft the target drafts from its own first K layers: one copy of the weights, one shared cache.
+    draft = (target if args.draft is None or os.path.realpath(args.draft) == os.path.realpath(args.target)
+             else AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).to(args.device).eval())
+    if draft is target and args.draft_layers is None:
+        raise SystemExit("sdalign-rt generate: the drafter is the target itself, so pass --draft-layers K (draft "
+                         "from its first K layers); a full copy of the target would draft at the target's cost")
     adapter = (sd.BottleneckAdapter.from_pretrained(args.adapter, dtype=dtype, device=args.device)
                if args.adapter else None)
     decoder = sd.SpeculativeDecoder(target=target, draft=draft, adapter=adapter, mode=args.mode,
                                     tree=sd.TreeSpec.parse(args.tree), feature_threshold=args.threshold,
-                                    draft_layers=args.draft_layers, pad_token_id=tokenizer.pad_token_id)
+                                    draft_layers=args.draft_layers, pad_token_id=tokenizer.pad_token_id,
+                                    compile=args.compile, graphs=False if args.no_graphs else None)
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True).to(args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     out = decoder.generate(batch.input_ids, args.max_new_tokens, attention_mask=batch.attention_mask,
@@ -76,6 +83,23 @@ def _generate(args) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0
+
+
+def _check_generate_args(args) -> None:
+    """Clear exits for flag combinations that cannot work, before any model loads."""
+    def fail(message):
+        raise SystemExit(f"sdalign-rt generate: {message}")
+
+    if args.draft is None and args.draft_layers is None:
+        fail("pass --draft DRAFTER, or --draft-layers K to draft from the target's own first K layers")
+    if args.draft_layers is not None and args.draft_layers < 1:
+        fail(f"--draft-layers must be >= 1, got {args.draft_layers}")
+    if args.mode != "sample" and (args.temperature != 1.0 or args.top_k is not None or args.top_p is not None):
+        fail(f"--temperature / --top-k / --top-p shape sample mode's distribution; --mode is {args.mode}")
+    if args.mode != "feature" and args.threshold != 0.9:
+        fail(f"--threshold is feature mode's cosine threshold; --mode is {args.mode}")
+    if args.device == "cpu" and args.dtype == "float16":
+        fail("--dtype float16 on the CPU is slow and overflows; use float32 or bfloat16")
 
 
 def _pair_check(args) -> int:
@@ -152,7 +176,12 @@ def _extract(args) -> int:
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(args.device).eval()
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).to(args.device).eval()
+    # Without --draft the target drafts from its own first K layers: one copy of the weights, one shared cache.
+    draft = (target if args.draft is None or os.path.realpath(args.draft) == os.path.realpath(args.target)
+             else AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).to(args.device).eval())
+    if draft is target and args.draft_layers is None:
+        raise SystemExit("sdalign-rt generate: the drafter is the target itself, so pass --draft-layers K (draft "
+                         "from its first K layers); a full copy of the target would draft at the target's cost")
     samples = [ExtractSample(id=str(i), input_ids=tokenizer(prompt, return_tensors="pt").input_ids.to(args.device))
                for i, prompt in enumerate(_read_prompts(args.prompts))]
     manifest = extract_pairs(draft, target, samples, args.out, max_new_tokens=args.max_new_tokens,
@@ -324,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="speculative decoding with local checkpoints (shared vocabulary)")
     gen.add_argument("--target", required=True, help="verifier checkpoint directory (transformers layout)")
-    gen.add_argument("--draft", required=True, help="drafter checkpoint directory")
+    gen.add_argument("--draft", default=None, help="drafter checkpoint directory (default: the target itself, "
+                     "with --draft-layers K: self-speculative, one copy of the weights, one shared cache)")
     gen.add_argument("--adapter", default=None, help="BottleneckAdapter directory (aligned drafting)")
     gen.add_argument("--tree", default="chain:4", help="chain:DEPTH | static:CHOICES_JSON_OR_FILE | "
                      "dynamic:TOP_K,DEPTH,TOTAL (default chain:4)")
@@ -340,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the forwards (optional; measured)")
+    gen.add_argument("--no-graphs", action="store_true", help="CUDA: run each step eagerly instead of replaying "
+                     "it as a captured CUDA graph")
     gen.add_argument("--json", default=None, help="also write texts and stats here")
     gen.set_defaults(run=_generate)
 

@@ -50,6 +50,40 @@ def test_generate_matches_the_reloaded_verifier(checkpoints, tree, extra, capsys
     assert texts[0] in printed and '"mean_accepted"' in printed
 
 
+def test_generate_drafts_from_the_target_itself(checkpoints, monkeypatch, capsys):
+    """No --draft: the target drafts from its own first K layers, loaded once (one copy, one shared cache)."""
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or original(*a, **k))
+    report = checkpoints / "self.json"
+    assert cli.main(["generate", "--target", str(checkpoints / "target"), "--draft-layers", "1", "--tree", "chain:2",
+                     "--max-new-tokens", "10", "--prompt", "w5 w9 w11", "--json", str(report)]) == 0
+    assert len(loads) == 1
+    tokenizer = word_tokenizer()
+    batch = tokenizer(["w5 w9 w11"], return_tensors="pt")
+    expected = original(checkpoints / "target").generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    texts = tokenizer.batch_decode(expected[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    assert json.loads(report.read_text())["texts"] == texts
+
+
+@pytest.mark.parametrize("flags,message", [
+    ([], "pass --draft DRAFTER, or --draft-layers K"),
+    (["--draft-layers", "0"], "--draft-layers must be >= 1"),
+    (["--draft-layers", "1", "--temperature", "0.7"], "shape sample mode's distribution; --mode is greedy"),
+    (["--draft-layers", "1", "--threshold", "0.8"], "feature mode's cosine threshold; --mode is greedy"),
+    (["--draft-layers", "1", "--dtype", "float16"], "float16 on the CPU"),
+])
+def test_generate_refuses_flag_combinations_that_cannot_work(checkpoints, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["generate", "--target", str(checkpoints / "target"), "--prompt", "w2", *flags])
+
+
+def test_generate_refuses_a_full_copy_of_the_target_as_drafter(checkpoints):
+    with pytest.raises(SystemExit, match="pass --draft-layers K"):
+        cli.main(["generate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "target"),
+                  "--prompt", "w2"])
+
+
 def test_generate_reports_missing_checkpoints(tmp_path):
     with pytest.raises(SystemExit, match="--target .* is not a directory"):
         cli.main(["generate", "--target", str(tmp_path / "nope"), "--draft", str(tmp_path), "--prompt", "w2"])
