@@ -17,6 +17,7 @@ import os
 import torch
 
 from sdalign_rt import ops
+from sdalign_rt.plotting import pyplot
 
 THRESHOLDS = (0.8, 0.85, 0.9, 0.95)
 
@@ -96,14 +97,12 @@ def evaluate_alignment(adapter, rows: dict, lm_head, *, gamma: int = 4, cost_rat
 
 def write_report(report: dict, path: str) -> None:
     """JSON at path and a PNG beside it: the cosine histogram and acceptance by threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
+    plt = pyplot(os.path.splitext(path)[0] + ".png")
+    if plt is None:
+        return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     edges = torch.linspace(-1, 1, 21)
     left.bar(((edges[:-1] + edges[1:]) / 2).tolist(), report["cosine"]["histogram"], width=0.09)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from sdalign_rt.demo import prompts as demo_prompts
 from sdalign_rt.demo import smollm2
 from sdalign_rt.shallow import final_norm, num_decoder_layers
+from sdalign_rt.plotting import pyplot
 
 # Picked by `sdalign-rt compare-adapters` on the embedded default (bench/results/adapters_cpu.json).
 DEFAULT_DRAFT_LAYERS = 2
@@ -404,14 +405,12 @@ def compare_adapters(config: DemoConfig, variants=VARIANTS, cache_dir: str | Non
 
 def write_demo(result: dict, path: str) -> None:
     """JSON at path and a PNG beside it: the peers table, acceptance by draft position, feature mode's sweep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+    plt = pyplot(os.path.splitext(path)[0] + ".png")
+    if plt is None:
+        return
     sweep = result.get("feature_sweep") or []
     fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(16 if sweep else 11, 4.2))
     table = axes[0]
@@ -445,14 +444,12 @@ def write_demo(result: dict, path: str) -> None:
 
 
 def write_comparison(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+    plt = pyplot(os.path.splitext(path)[0] + ".png")
+    if plt is None:
+        return
     labels = [row["variant"] for row in result["rows"]]
     fig, ax = plt.subplots(figsize=(10, 4))
     x = range(len(labels))
