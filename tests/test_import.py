@@ -39,3 +39,12 @@ print('ok')
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_help_loads_no_model_code():
+    """`sdalign-rt --help` builds the whole parser without transformers, triton, matplotlib or gguf: it answers in
+    about the time `import torch` takes (1-1.5 s on the CI machine)."""
+    code = ("import sys; from sdalign_rt import cli; cli.build_parser(); "
+            "print(sorted(m for m in ('transformers', 'triton', 'matplotlib', 'gguf') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
