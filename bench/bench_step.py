@@ -36,6 +36,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from embedded import load_embedded  # noqa: E402
 from revisions import run_worker, worktree  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,22 +97,10 @@ def _configs(name: str, quick: bool):
         prompts = [torch.randint(1, 4096, (1, 24), generator=torch.Generator().manual_seed(s)) for s in range(4)]
         tree = sd.TreeSpec.static([(0,), (1,), (0, 0), (0, 1), (0, 0, 0)])
         return target, draft, None, tree, None, prompts, "random weights"
-    from sdalign_rt.adapter import WEIGHTS_NAME, BottleneckAdapter
-    from sdalign_rt.demo import experiment, prompts as demo_prompts, smollm2
-
-    cache = smollm2.default_cache_dir()
-    model, tokenizer = experiment.load_model(smollm2.checkpoint(cache), "float32")
     # The same work on both sides: an adapter both implementations load (no context input: the implementation
     # before the lean step has none) and the 8-node tree the demo used then. The demo's own tree and
     # context adapter are measured by `sdalign-rt demo`.
-    folder = os.path.join(cache, EMBEDDED_ADAPTER)
-    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-        adapter, note = BottleneckAdapter.from_pretrained(folder), f"trained adapter {EMBEDDED_ADAPTER}"
-    else:
-        adapter = BottleneckAdapter(model.config.hidden_size, 256, input_norm=True)
-        note = f"UNTRAINED adapter ({EMBEDDED_ADAPTER} not in the demo cache): acceptance figures are meaningless"
-    count = 2 if quick else 4
-    prompts = [experiment.chat_ids(tokenizer, p) for p in demo_prompts.eval_prompts()[:count]]
+    model, _, adapter, prompts, note = load_embedded(EMBEDDED_ADAPTER, 2 if quick else 4)
     return model, model, adapter, sd.TreeSpec.static(EMBEDDED_TREE), 2, prompts, note
 
 

@@ -30,6 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from embedded import load_embedded  # noqa: E402
 from revisions import ROOT, head, run_worker, worktree  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,19 +42,8 @@ TREE = [(0,), (1,), (2,), (0, 0), (1, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0)]
 
 def _setup(prompt_count: int):
     import sdalign_rt as sd
-    from sdalign_rt.adapter import WEIGHTS_NAME, BottleneckAdapter
-    from sdalign_rt.demo import experiment, prompts as demo_prompts, smollm2
 
-    cache = smollm2.default_cache_dir()
-    model, tokenizer = experiment.load_model(smollm2.checkpoint(cache), "float32")
-    folder = os.path.join(cache, ADAPTER)
-    if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-        adapter, note = BottleneckAdapter.from_pretrained(folder), f"trained adapter {ADAPTER}"
-    else:
-        torch.manual_seed(0)
-        adapter = BottleneckAdapter(model.config.hidden_size, 256, input_norm=True)
-        note = f"UNTRAINED adapter ({ADAPTER} not in the demo cache): acceptance is meaningless, step costs are not"
-    prompts = [experiment.chat_ids(tokenizer, p) for p in demo_prompts.eval_prompts()[:prompt_count]]
+    model, _, adapter, prompts, note = load_embedded(ADAPTER, prompt_count, seed_untrained=True)
     return sd, model, adapter, sd.TreeSpec.static(TREE), prompts, note
 
 

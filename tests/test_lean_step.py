@@ -178,17 +178,22 @@ def tiny_neox(seed):
     return finish_random_model(GPTNeoXForCausalLM(config))
 
 
-@pytest.mark.parametrize("tree", ["chain4", "static", "dynamic"])
-def test_other_architectures_use_the_transformers_forward(tree):
-    """GPT-2 (learned positions) verifies drafts of GPT-NeoX (rotary) and of its own first layer: lossless."""
-    target, draft = tiny_gpt2(0), tiny_neox(1)
+def assert_lossless_with_both_drafters(target, draft, tree: str, forward_path: str) -> None:
+    """A separate drafter and the target's own first layer each decode exactly the target's greedy output."""
     ids, mask = left_padded_prompts([5, 8], 9)
     expected = target.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
     for drafter, layers in ((draft, None), (target, 1)):
         out = sd.SpeculativeDecoder(target=target, draft=drafter, tree=TREES[tree], draft_layers=layers).generate(
             ids, 14, attention_mask=mask)
-        assert out.stats["forward_path"] == "transformers"
-        assert torch.equal(out.sequences, expected)
+        assert out.stats["forward_path"] == forward_path
+        assert torch.equal(out.sequences, expected), (type(target).__name__, layers)
+
+
+@pytest.mark.parametrize("tree", ["chain4", "static", "dynamic"])
+def test_other_architectures_use_the_transformers_forward(tree):
+    """GPT-2 (learned positions) verifies drafts of GPT-NeoX (rotary) and of its own first layer: lossless."""
+    target, draft = tiny_gpt2(0), tiny_neox(1)
+    assert_lossless_with_both_drafters(target, draft, tree, "transformers")
     with pytest.raises(ValueError, match="has no lean forward"):
         sd.SpeculativeDecoder(target=target, draft=draft, lean=True)
 
@@ -232,13 +237,7 @@ def test_llama_shaped_families_run_the_lean_forward(family, tree):
     target, draft = tiny_family(family, 0), tiny_family(family, 1)
     if family == "qwen2":
         assert target.model.layers[0].self_attn.q_proj.bias is not None
-    ids, mask = left_padded_prompts([5, 8], 9)
-    expected = target.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
-    for drafter, layers in ((draft, None), (target, 1)):
-        out = sd.SpeculativeDecoder(target=target, draft=drafter, tree=TREES[tree], draft_layers=layers).generate(
-            ids, 14, attention_mask=mask)
-        assert out.stats["forward_path"] == "lean"
-        assert torch.equal(out.sequences, expected), (family, layers)
+    assert_lossless_with_both_drafters(target, draft, tree, "lean")
 
 
 def test_sliding_windows_are_refused_where_they_would_bite():

@@ -40,7 +40,7 @@ PEERS = ("hf_generate", "hf_prompt_lookup", "hf_early_exit", "ours_one_token", "
 class DemoConfig:
     draft_layers: int = DEFAULT_DRAFT_LAYERS
     tree: str = "plan"  # "plan": planned from measured costs and cached; or a TreeSpec string ("chain:3", ...)
-    dtype: str = "float32"  # float32: greedy outputs match the verifier's bit for bit (see README, bf16)
+    dtype: str = "float32"  # float32: greedy outputs observed identical to the verifier's (bf16 may flip near-ties)
     max_new_tokens: int = 48  # per evaluation prompt (--full: 96)
     train_new_tokens: int = 96  # per training prompt
     generation_batch: int = 32
