@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._common import dot_precision, next_pow2, upcast_dot_operands
 
-MASKED = -1.0e30
+MASKED = tl.constexpr(-1.0e30)  # a jit function may read a global only as a constexpr
 MAX_QUERY_ROWS = 128  # G * T per program: beyond this the caller uses SDPA (prefill, very wide trees)
 
 

@@ -116,7 +116,10 @@ class DecodeStep:
         self._copied = torch.cuda.Event() if cuda else None
         self.drafter_state = drafter.new_state(workspace.drafter, self.context)
         drafter.prepare(self.drafter_state)
-        self.graphs = bool(graphs) and cuda
+        # One graph records one device's stream: a model spread over GPUs (or a drafter on another GPU) steps eagerly.
+        devices = {buffer.device for runner in (verifier, workspace.drafter) if runner is not None
+                   for buffer in runner.cache.buffers} | {device}
+        self.graphs = bool(graphs) and cuda and len(devices) == 1
         self.graph: torch.cuda.CUDAGraph | None = None
         self._capture_failed = False
 
@@ -293,6 +296,7 @@ class DecodeStep:
         """Record the device side as one CUDA graph: two warm-up runs on a side stream (Triton compiles, cuBLAS
         workspaces, allocator pools), each undone, then the capture, which runs nothing. Call after prefill.
         A failure (an op that syncs or allocates host memory) warns and leaves the step eager."""
+        device = self.roots.device
         saved = [t.clone() for t in self.state_tensors()]
 
         def restore():
@@ -300,20 +304,21 @@ class DecodeStep:
                 tensor.copy_(value)
 
         try:
-            stream = torch.cuda.Stream(device=self.roots.device)
-            stream.wait_stream(torch.cuda.current_stream(self.roots.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
+            with torch.cuda.device(device):  # the graph records the current device's stream
+                stream = torch.cuda.Stream(device=device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self.run()
+                        restore()
+                torch.cuda.current_stream(device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.run()
-                    restore()
-            torch.cuda.current_stream(self.roots.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.run()
             self.graph = graph
         except Exception as error:  # noqa: BLE001 - any capture failure falls back to the eager step
             self._capture_failed = True
-            torch.cuda.synchronize(self.roots.device)
+            torch.cuda.synchronize(device)
             restore()
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(error).__name__}: {error}); "
                           "the step runs eagerly", stacklevel=2)

@@ -1,6 +1,7 @@
 """DecodeStep: the device side of a step is capture-safe (no host sync, outputs only in its own buffers, nothing
 left alive), equals the eager loop, captures as a CUDA graph where there is a GPU; one decoder serves several
 threads at once; an interrupted call leaves the decoder correct."""
+import copy
 import gc
 import threading
 import weakref
@@ -70,11 +71,18 @@ CASES = {  # (tree, drafter, mode)
 }
 
 
-def make_decoder(tree, drafter, mode, target=TARGET):
+def on_device(model):
+    """The shared test models stay on the CPU (reference() uses them); a GPU run decodes with copies."""
+    return copy.deepcopy(model).to(DEVICE) if DEVICE.type == "cuda" else model
+
+
+def make_decoder(tree, drafter, mode):
+    """Every model and the adapter on DEVICE (a graph captures one device's work)."""
+    target = on_device(TARGET)
     if drafter is None:
         return sd.SpeculativeDecoder(target=target, draft=None, mode=mode)
-    draft = target if drafter == "shared" else DRAFTS[drafter]
-    adapter = sd.BottleneckAdapter(64, 16, context_size=64) if drafter == "shared" else None
+    draft = target if drafter == "shared" else on_device(DRAFTS[drafter])
+    adapter = sd.BottleneckAdapter(64, 16, context_size=64, device=DEVICE) if drafter == "shared" else None
     return sd.SpeculativeDecoder(target=target, draft=draft, adapter=adapter, tree=TREES[tree], mode=mode,
                                  draft_layers=1 if drafter == "shared" else None, feature_threshold=0.5)
 
@@ -86,8 +94,7 @@ def test_step_is_capture_safe(case):
     equal greedy decoding (greedy), and the step equals generate's own loop."""
     tree, drafter, mode = CASES[case]
     backend = sync_free_backend(DEVICE)
-    target = TARGET.to(DEVICE)
-    decoder = make_decoder(tree, drafter, mode, target)
+    decoder = make_decoder(tree, drafter, mode)
     ids, mask = (t.to(DEVICE) for t in left_padded_prompts([6, 4], 3))
     steps, generator = 20, torch.Generator(device=DEVICE).manual_seed(5)
     with sd.ops.use_backend(backend), sd.ops.value_checks(False), decoder.session(2, 192, 192) as step:
@@ -121,7 +128,7 @@ def test_step_is_capture_safe(case):
 
 def test_step_objects_are_built_once_and_reused():
     decoder = make_decoder("static", "perturbed", "greedy")
-    ids, mask = left_padded_prompts([5, 3], 1)
+    ids, mask = (t.to(DEVICE) for t in left_padded_prompts([5, 3], 1))
     decoder.generate(ids, 6, attention_mask=mask)
     (workspace,) = decoder.idle_workspaces()
     (step,) = workspace.steps.values()
@@ -137,11 +144,10 @@ def test_step_objects_are_built_once_and_reused():
 def test_cuda_graph_replays_the_step(case):
     """On CUDA generate captures the step as one graph and replays it: outputs equal the eager step's."""
     tree, drafter, mode = CASES[case]
-    target = TARGET.to(DEVICE)
     ids, mask = (t.to(DEVICE) for t in left_padded_prompts([6, 4], 3))
     outputs = {}
     for graphs in (False, None):
-        decoder = make_decoder(tree, drafter, mode, target)
+        decoder = make_decoder(tree, drafter, mode)
         decoder.graphs = graphs
         generator = torch.Generator(device=DEVICE).manual_seed(3)
         out = decoder.generate(ids, 24, attention_mask=mask, generator=generator)
@@ -186,7 +192,7 @@ def test_an_interrupted_call_leaves_the_decoder_correct():
     """A callback that raises mid-decode: the exception reaches the caller, the workspace goes back to the pool,
     and the next call decodes exactly."""
     decoder = make_decoder("static", "perturbed", "greedy")
-    ids, mask = left_padded_prompts([6, 3], 7)
+    ids, mask = (t.to(DEVICE) for t in left_padded_prompts([6, 3], 7))
     calls = []
 
     def stop(emitted):
@@ -197,7 +203,8 @@ def test_an_interrupted_call_leaves_the_decoder_correct():
     with pytest.raises(KeyboardInterrupt):
         decoder.generate(ids, 20, attention_mask=mask, callback=stop)
     assert len(decoder.idle_workspaces()) == 1
-    assert torch.equal(decoder.generate(ids, 20, attention_mask=mask).sequences, reference(ids, mask, 20))
+    out = decoder.generate(ids, 20, attention_mask=mask).sequences
+    assert torch.equal(out.cpu(), reference(ids.cpu(), mask.cpu(), 20))
 
 
 @pytest.mark.parametrize("tree", ["chain4", "static"])
