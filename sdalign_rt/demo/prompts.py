@@ -54,3 +54,15 @@ def calibration_prompts() -> list[str]:
 def eval_prompts() -> list[str]:
     """One prompt per held-out topic, the templates taken in turn."""
     return [TEMPLATES[i % len(TEMPLATES)].format(topic=topic) for i, topic in enumerate(EVAL_TOPICS)]
+
+
+def frozen_eval_set() -> list[dict]:
+    """The frozen evaluation set (`eval_set.json`): [{"kind", "messages": [{"role", "content"}, ...]}, ...], written
+    apart from the training prompts in kinds and phrasings the templates do not use (code, arithmetic, rewriting,
+    translation, summaries of given text, troubleshooting, letters, questions, instructions, multi-turn chat, long
+    inputs). Nothing may train on it (tests/test_eval_set.py)."""
+    import json
+    import os
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_set.json")) as f:
+        return json.load(f)["prompts"]
