@@ -86,7 +86,7 @@ def _parts_eager(step, device, repeats: int) -> dict:
 def _parts_graphed(step, device, repeats: int) -> dict:
     """The step as three graphs (draft, verify forward, accept + commit), replayed in turn; each part's GPU
     interval between CUDA events (the read-back's host copy is added to bookkeeping by wall clock)."""
-    saved = [t.clone() for t in step.state_tensors()]
+    restore = step.snapshot()
     held = {}
 
     def draft():
@@ -105,8 +105,7 @@ def _parts_graphed(step, device, repeats: int) -> dict:
     with torch.cuda.stream(stream):
         for _ in range(2):
             draft(), verify(), commit()
-            for tensor, value in zip(step.state_tensors(), saved):
-                tensor.copy_(value)
+            restore()
     torch.cuda.current_stream().wait_stream(stream)
     for fn in (draft, verify, commit):
         graph = torch.cuda.CUDAGraph()

@@ -5,7 +5,8 @@
     python bench/bench_kernels.py --resume        # keep rows already in the output JSON
 
 Shapes: D=4096, R=256, T in 1/5/16/64, trees of 8/32/64 nodes, batch 1 and 8, vocab 32000, KV cache of
-32 layers x K/V x 32 heads x 128. Every sample is one Python call (launch and validation overhead
+32 layers x K/V x 32 heads x 128; tree_attention: the tree's N nodes in one layer's 32 heads of 128 over a
+630-token context in a 768-slot cache (the reference is attention under the dense mask). Every sample is one Python call (launch and validation overhead
 included; content checks off, as in the decoding loop). Writes bench/results/kernels_<device>.json (rows
 with median / p10 / p90 microseconds) and the PNG drawn from it. Triton timings need a GPU: under
 TRITON_INTERPRET=1 the kernels run in a Python interpreter and their times mean nothing, so on CPU the
@@ -35,12 +36,14 @@ from sdalign_rt import _ext, reference  # noqa: E402
 HIDDEN, BOTTLENECK, VOCAB = 4096, 256, 32000
 LAYERS, HEADS, HEAD_DIM = 32, 32, 128
 DENSE_OPS = ("fused_adapter", "cosine_accept", "adapter_cosine_accept")
-TREE_OPS = ("build_tree", "verify_tree_greedy", "verify_tree_sampling", "kv_compact")
+TREE_OPS = ("build_tree", "verify_tree_greedy", "verify_tree_sampling", "kv_compact", "tree_attention")
+CPP_OPS = ("build_tree", "verify_tree_greedy", "verify_tree_sampling", "kv_compact")  # the ops csrc/ implements
+ATTENTION_CAPACITY, ATTENTION_CONTEXT = 768, 630  # a 630-token context (the 7B step's) in a 768-slot cache
 # Ops whose call has no host sync when given their planned shapes (build_tree: num_leaves / max_depth).
 # Ops whose launcher picks a decode-size split path by row count; "triton_fused" forces the one-launch path.
 SPLIT_OPS = ("fused_adapter", "adapter_cosine_accept")
 GRAPHABLE = {"fused_adapter", "cosine_accept", "adapter_cosine_accept", "build_tree", "verify_tree_greedy",
-             "kv_compact"}
+             "kv_compact", "tree_attention"}
 
 
 def bushy_parents(n: int) -> list[int]:
@@ -91,6 +94,13 @@ def tree_case(op, batch, nodes, dtype, device):
         probs = torch.softmax(torch.randn(batch, nodes, VOCAB, generator=gen) * 3, -1).to(device)
         uniform = torch.rand(batch, nodes, generator=gen).to(device)
         return (draft, parents, probs, uniform), {"max_depth": max_depth}
+    if op == "tree_attention":  # the verify forward's attention in one layer: N tree nodes over the context
+        q = torch.randn(batch, HEADS, nodes, HEAD_DIM, generator=gen).to(device, dtype)
+        keys, values = (torch.randn(batch, HEADS, ATTENTION_CAPACITY, HEAD_DIM, generator=gen).to(device, dtype)
+                        for _ in range(2))
+        block = sd.ops.build_tree(parents.cpu(), 0).mask[:, 0].to(device)  # [B, N, N] bool: self and ancestors
+        context = torch.full((batch,), ATTENTION_CONTEXT, device=device)
+        return (q, keys, values, torch.zeros_like(context), context, block, context, HEAD_DIM ** -0.5), {}
     accept_nodes = reference.verify_tree_greedy(draft.cpu(), parents.cpu(), argmax.cpu())[0].to(device)
     prefix = 64
     cache = torch.randn(LAYERS * 2, batch, HEADS, prefix + nodes, HEAD_DIM, dtype=dtype, device=device)
@@ -105,6 +115,7 @@ REFERENCE_FN = {
     "verify_tree_greedy": reference.verify_tree_greedy,
     "verify_tree_sampling": reference.verify_tree_sampling,
     "kv_compact": lambda cache, accept_nodes, prefix: reference.kv_compact([cache], accept_nodes, prefix),
+    "tree_attention": reference.tree_attention,
 }
 
 
@@ -116,7 +127,7 @@ def providers_for(op: str, device: torch.device, use_compile: bool) -> list[str]
             names.append("triton+graph")
         if op in SPLIT_OPS:  # the one-launch path at every size, beside the dispatcher's choice
             names += ["triton_fused", "triton_fused+graph"]
-    elif op in TREE_OPS and _ext.cpp_available():
+    elif op in CPP_OPS and _ext.cpp_available():
         names.append("cpp")
     if use_compile and op in DENSE_OPS:
         names.append("compile")

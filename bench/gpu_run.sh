@@ -46,6 +46,7 @@ else
     # The kernel the graphed step's attention runs, first: a compile error there would fail every decode row.
     step attention_tests timeout 60 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_tree_attention.py
     step graph_step timeout 300 python3 bench/bench_graph_step.py --device cuda --steps 20 --out "$OUT/graph_step_cuda.json"
+    step attention_kernel timeout 60 python3 bench/bench_kernels.py --ops tree_attention --batches 1 --no-compile --out "$OUT/kernels_cuda.json"
     step graph_tests timeout 90 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_decode_step.py
     # shellcheck disable=SC2086
     step tests timeout 100 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $GPU_TESTS -k "not sample_mode_matches and not chi"

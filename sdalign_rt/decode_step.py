@@ -29,6 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 import torch
 
@@ -231,11 +232,20 @@ class DecodeStep:
         self.roots.copy_(outcome.bonus)  # last: the draft's root column may be a view of the roots
 
     @torch.no_grad()
-    def run(self) -> None:
-        """The device side of one step, eagerly: draft, verify, accept, commit."""
+    def run(self, timings: dict | None = None) -> None:
+        """The device side of one step, eagerly: draft, verify, accept, commit. With `timings`, host-clock seconds
+        go to draft_s / verify_forward_s / bookkeeping_s (exact on CPU; launches only on CUDA); a capture passes
+        none."""
+        start = time.perf_counter()
         draft = self.draft()
-        outcome = self.accept(draft, *self.verify_forward(draft))
-        self.commit(draft, outcome)
+        drafted = time.perf_counter()
+        hidden, logits = self.verify_forward(draft)
+        verified = time.perf_counter()
+        self.commit(draft, self.accept(draft, hidden, logits))
+        if timings is not None:
+            timings["draft_s"] += drafted - start
+            timings["verify_forward_s"] += verified - drafted
+            timings["bookkeeping_s"] += time.perf_counter() - verified
 
     def read_back(self) -> list[list[int]]:
         """The step's one host sync: the read-back rows (see the module docstring for the layout)."""
@@ -266,16 +276,11 @@ class DecodeStep:
             if timings is not None:
                 timings["step_s"] = timings.get("step_s", 0.0) + time.perf_counter() - start
             return rows
-        draft = self.draft()
-        drafted = time.perf_counter()
-        hidden, logits = self.verify_forward(draft)
-        verified = time.perf_counter()
-        self.commit(draft, self.accept(draft, hidden, logits))
+        self.run(timings)
+        read = time.perf_counter()
         rows = self.read_back()
         if timings is not None:
-            timings["draft_s"] += drafted - start
-            timings["verify_forward_s"] += verified - drafted
-            timings["bookkeeping_s"] += time.perf_counter() - verified
+            timings["bookkeeping_s"] += time.perf_counter() - read
         return rows
 
     # ---- CUDA graphs -------------------------------------------------------------------------------------------
@@ -291,18 +296,23 @@ class DecodeStep:
         return tensors + [self.roots, self.live, self.context, self.uniforms, self.readback, state.previous,
                           state.previous_cached]
 
-    @torch.no_grad()
-    def capture(self) -> None:
-        """Record the device side as one CUDA graph: two warm-up runs on a side stream (Triton compiles, cuBLAS
-        workspaces, allocator pools), each undone, then the capture, which runs nothing. Call after prefill.
-        A failure (an op that syncs or allocates host memory) warns and leaves the step eager."""
-        device = self.roots.device
+    def snapshot(self) -> Callable[[], None]:
+        """Save state_tensors() now; the returned function puts them back (undoing the steps run in between)."""
         saved = [t.clone() for t in self.state_tensors()]
 
         def restore():
             for tensor, value in zip(self.state_tensors(), saved):
                 tensor.copy_(value)
 
+        return restore
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Record the device side as one CUDA graph: two warm-up runs on a side stream (Triton compiles, cuBLAS
+        workspaces, allocator pools), each undone, then the capture, which runs nothing. Call after prefill.
+        A failure (an op that syncs or allocates host memory) warns and leaves the step eager."""
+        device = self.roots.device
+        restore = self.snapshot()
         try:
             with torch.cuda.device(device):  # the graph records the current device's stream
                 stream = torch.cuda.Stream(device=device)

@@ -287,10 +287,9 @@ class SpeculativeDecoder:
         cache = workspace.verifier.cache
         key = (sampling, cache.dtype)
         step = workspace.steps.get(key)
-        if step is None:
-            graphs = self.graphs is not False and cache.device.type == "cuda"
+        if step is None:  # graphs on CUDA only: the step decides from its devices
             step = DecodeStep(self.drafter, workspace, self.tree, self._plan(workspace.batch, cache.device, cache.dtype),
-                              sampling, self.feature_threshold, graphs=graphs)
+                              sampling, self.feature_threshold, graphs=self.graphs is not False)
             workspace.steps[key] = step
         return step
 

@@ -142,10 +142,6 @@ class CacheMask:
     block: torch.Tensor  # [B or 1, T, W] additive: 0 where visible, the dtype's min elsewhere
     offset: torch.Tensor  # [B] int64: the block's first slot per row
 
-    @property
-    def queries(self) -> int:
-        return self.block.shape[1]
-
     def dense(self) -> torch.Tensor:
         """[B, 1, T, capacity] additive bias: the committed bias with the block scattered over it."""
         cache = self.cache

@@ -56,10 +56,6 @@ class Workspace:
         return (batch == self.batch and self.verifier.cache.capacity >= verifier_slots
                 and self.drafter.cache.capacity >= drafter_slots)
 
-    def capacity(self) -> tuple[int, int]:
-        drafter = self.drafter.cache.capacity if self.drafter is not None else 0
-        return self.verifier.cache.capacity, drafter
-
 
 class WorkspacePool:
     """Idle workspaces of one decoder. `acquire` takes one that fits (or builds one, its capacities rounded up to
@@ -89,7 +85,3 @@ class WorkspacePool:
         """The idle workspaces (for inspection: tests, benchmarks)."""
         with self._lock:
             return list(self._idle)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._idle.clear()
