@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"draft from the first K layers (default {defaults.draft_layers}, from compare-adapters)")
     _add_demo_flags(demo, defaults)
     demo.add_argument("--full", action="store_true", help="the published figures: 6 prompts x 96 tokens x 3 rounds "
-                      "and feature mode's threshold sweep (default: 3 x 64 x 2, no sweep; minutes)")
+                      "and feature mode's threshold sweep (default: 3 x 48 x 2, no sweep; about 2 minutes)")
     demo.add_argument("--feature-sweep", action="store_true", help="also run feature mode's threshold sweep")
     demo.add_argument("--retrain", action="store_true", help="rebuild everything through the pipeline: distil the "
                       "verifier's answers, train the adapter, plan the tree (instead of the shipped adapter and plan)")

@@ -144,3 +144,22 @@ def test_retrain_rebuilds_instead_of_reusing(checkpoint, tmp_path):
     experiment.run_demo(TINY, cache_dir=cache, progress=False, checkpoint=checkpoint, sweep_features=False,
                         retrain=True)
     assert not os.path.exists(marker) and os.path.isfile(os.path.join(folder, "alignment.json"))
+
+
+def test_a_retrained_adapter_in_the_cache_wins_over_the_shipped_one(tmp_path):
+    """After --retrain, later default runs use what was rebuilt, not the shipped files."""
+    import shutil
+
+    default = experiment.DemoConfig()
+    folder = experiment._adapter_dir(str(tmp_path), default, default.draft_layers)
+    shutil.copytree(experiment.SHIPPED, folder)
+    with open(os.path.join(folder, "alignment.json"), "w") as f:
+        json.dump({"top1_agreement": 0.123}, f)
+
+    class Model:
+        dtype = torch.float32
+
+    _, report = experiment.prepare_adapter(Model(), None, default.draft_layers, str(tmp_path), default, False)
+    assert report == {"top1_agreement": 0.123}
+    _, report = experiment.prepare_adapter(Model(), None, default.draft_layers, str(tmp_path / "empty"), default, False)
+    assert report["top1_agreement"] != 0.123  # no cache: the shipped adapter

@@ -130,8 +130,9 @@ def distilled_rows(model, tokenizer, k: int, cache_dir: str, config: DemoConfig,
 
 def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig, progress: bool = True,
                     retrain: bool = False, use_shipped: bool = True):
-    """The trained adapter for draft_layers=k and its held-out alignment report: the shipped one where the config
-    matches it, else the cached one, else trained now (distilling what is missing). retrain: ignore the shipped
+    """The trained adapter for draft_layers=k and its held-out alignment report: the cached one (what --retrain built
+    on this machine), else the shipped one where the config matches it, else trained now (distilling what is
+    missing). retrain: ignore the shipped
     and cached adapters and the distilled rows, and rebuild them through the pipeline. use_shipped=False for
     another model than SmolLM2 (the shipped adapter is SmolLM2's)."""
     import shutil
@@ -145,7 +146,7 @@ def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig
         for stale in (out, _pairs_dir(cache_dir, config, k)):
             shutil.rmtree(stale, ignore_errors=True)
     shipped = None if retrain or not use_shipped else shipped_adapter_dir(config)
-    for folder in (shipped, out):
+    for folder in (out, shipped):
         report_path = os.path.join(folder, "alignment.json") if folder else ""
         if folder and os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and os.path.isfile(report_path):
             with open(report_path) as f:
