@@ -58,7 +58,7 @@ if not ext_modules:
     cmdclass = {"build_ext": build_ext}
 
 # The embedded default ships its trained adapter and tree plan (sdalign_rt/demo/shipped/provenance.json).
-PACKAGE_DATA = {"sdalign_rt.demo": ["shipped/*.json", "shipped/*.safetensors", "eval_set.json"]}
+PACKAGE_DATA = {"sdalign_rt.demo": ["shipped/*.json", "shipped/*.safetensors", "eval_set.json", "train_set.json"]}
 
 setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=ext_modules,
       cmdclass=cmdclass)

@@ -267,7 +267,7 @@ def _eval_alignment(args) -> int:
             raise SystemExit(f"sdalign-rt eval-alignment: --split val needs {log_path} (or use --split all)")
         with open(log_path) as f:
             config = json.load(f)["config"]
-        rows = held_out_rows(rows, config["val_fraction"], config["seed"])
+        rows = held_out_rows(rows, config["val_fraction"], config["seed"], config.get("split", "rows"))
     measured = None
     if args.measured:
         with open(args.measured) as f:
@@ -308,9 +308,30 @@ def _demo(args) -> int:
             "bookkeeping_share_of_verify")
     print(json.dumps({key: result[key] for key in keys}, indent=2))
     print(_demo_table(result))
+    if "acceptance" in result:
+        acc = result["acceptance"]
+        print(f"on {acc['conversations']} frozen evaluation conversations: first draft {acc['first_draft']:.3f}, "
+              f"second {acc['second_draft']:.3f} (chain:4); tau {acc['tree']['mean_accepted']:.2f} with "
+              f"{acc['tree']['per_position_acceptance']} by depth (tree {result['tree']}); lossless {acc['lossless']}")
     write_demo(result, args.json)
     print(f"wrote {args.json} and {os.path.splitext(args.json)[0]}.png")
-    return 0 if result["lossless"] else 1
+    return 0 if result["lossless"] and result.get("acceptance", {}).get("lossless", True) else 1
+
+
+def _make_train_set(args) -> int:
+    from sdalign_rt.demo import smollm2
+    from sdalign_rt.demo.experiment import load_model
+    from sdalign_rt.demo.training_set import SHIPPED_SET, build_training_set
+
+    cache_dir = args.cache_dir or smollm2.default_cache_dir()
+    model, tokenizer = load_model(smollm2.checkpoint(cache_dir), "float32")
+    result = build_training_set(model, tokenizer, os.path.join(cache_dir, "training-set-work"),
+                                requests=args.requests, seed=args.seed)
+    out = args.out or SHIPPED_SET
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1, ensure_ascii=False)
+    print(f"wrote {len(result['conversations'])} conversations to {out}: {result['kinds']}")
+    return 0
 
 
 # The peers as a reader should read them (SmolLM2 was not trained to exit early: that peer shows HF's assisted
@@ -343,10 +364,11 @@ def _compare_adapters(args) -> int:
     from sdalign_rt.demo.experiment import compare_adapters, write_comparison
 
     result = compare_adapters(_demo_config(args), cache_dir=args.cache_dir, tree=args.compare_tree)
-    print(f"{'variant':<28} {'top-1':>6} {'a':>6} {'tau':>5} {'draft ms':>8} {'speedup':>7}")
+    print(f"{'variant':<46} {'top-1':>6} {'1st':>6} {'2nd':>6} {'tau':>5} {'draft ms':>8} {'vs 1-token':>10}")
     for row in result["rows"]:
-        print(f"{row['variant']:<28} {row['top1_agreement']:>6.3f} {row['token_acceptance']:>6.3f} "
-              f"{row['mean_accepted']:>5.2f} {row['draft_ms_per_step']:>8.2f} {row['speedup']:>7.3f}")
+        first, second = (row["per_position_acceptance"] + [0.0, 0.0])[:2]
+        print(f"{row['variant']:<46} {row['top1_agreement']:>6.3f} {first:>6.3f} {second:>6.3f} "
+              f"{row['mean_accepted']:>5.2f} {row['draft_ms_per_step']:>8.2f} {row['over_one_token']:>9.2f}x")
     print(f"winner: {result['winner']}")
     write_comparison(result, args.json)
     return 0
@@ -360,14 +382,28 @@ def _add_demo_flags(command, defaults) -> None:
     command.add_argument("--max-new-tokens", type=int, default=None,
                          help=f"per evaluation prompt (default {defaults.max_new_tokens})")
     command.add_argument("--eval-prompts", type=int, default=None,
-                         help=f"how many held-out prompts to run (default {defaults.eval_prompts})")
+                         help=f"frozen evaluation conversations every peer runs (default {defaults.eval_prompts})")
     command.add_argument("--train-prompts", type=int, default=None,
-                         help=f"training prompts to distil (default {defaults.train_prompts}, 0: all)")
+                         help=f"training conversations to distil (default {defaults.train_prompts}, 0: all)")
     command.add_argument("--context", action=argparse.BooleanOptionalAction, default=None,
                          help=f"adapter reads the verifier's previous state (default {defaults.context})")
     command.add_argument("--self-context", type=float, default=None,
                          help=f"share of training rows that read the adapter's own prediction as context "
                          f"(default {defaults.self_context})")
+    command.add_argument("--unroll", type=int, default=None,
+                         help=f"train through the adapter's own predictions for N positions (default {defaults.unroll})")
+    command.add_argument("--bottleneck", type=int, default=None, help=f"adapter rank R (default {defaults.bottleneck})")
+    command.add_argument("--kl-weight", type=float, default=None, help=f"weight of the soft-target loss (KL to the "
+                         f"verifier's distribution; default {defaults.kl_weight})")
+    command.add_argument("--train-set", default=None, choices=["generated", "templates"],
+                         help=f"training conversations: the model-written set, or the earlier topic templates "
+                         f"(default {defaults.train_set})")
+    command.add_argument("--sampled", type=float, default=None,
+                         help=f"share of training conversations also distilled on sampled text (default "
+                         f"{defaults.sampled})")
+    command.add_argument("--acceptance-prompts", type=int, default=None,
+                         help=f"frozen evaluation conversations the acceptance report decodes (default "
+                         f"{defaults.acceptance_prompts}; 0: none)")
     command.add_argument("--rounds", type=int, default=None,
                          help=f"interleaved repetitions (default {defaults.rounds})")
     command.add_argument("--epochs", type=int, default=None, help=f"adapter training epochs (default {defaults.epochs})")
@@ -502,13 +538,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--draft-layers", type=int, default=None,
                       help=f"draft from the first K layers (default {defaults.draft_layers}, from compare-adapters)")
     _add_demo_flags(demo, defaults)
-    demo.add_argument("--full", action="store_true", help="the published figures: 6 prompts x 96 tokens x 3 rounds "
-                      "and feature mode's threshold sweep (default: 3 x 48 x 2, no sweep; about 2 minutes)")
+    demo.add_argument("--full", action="store_true", help="the published figures: 11 frozen evaluation conversations "
+                      "(one per kind) x 96 tokens x 3 rounds, acceptance on all 48, and feature mode's threshold "
+                      "sweep (default: 4 x 48 tokens x 2 rounds, acceptance on 11, no sweep)")
     demo.add_argument("--feature-sweep", action="store_true", help="also run feature mode's threshold sweep")
     demo.add_argument("--retrain", action="store_true", help="rebuild everything through the pipeline: distil the "
                       "verifier's answers, train the adapter, plan the tree (instead of the shipped adapter and plan)")
     demo.add_argument("--json", default="demo_result.json", help="result JSON (a PNG is written beside it)")
     demo.set_defaults(run=_demo)
+
+    make = commands.add_parser("make-train-set", help="the embedded default's training conversations, written by "
+                               "SmolLM2 itself from a few seeds per kind (resumable; minutes)")
+    make.add_argument("--requests", type=int, default=1400, help="model-written requests to keep")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--out", default=None, help="default: the package's train_set.json")
+    make.add_argument("--cache-dir", default=None, help="where the checkpoint and the per-batch work are kept")
+    make.set_defaults(run=_make_train_set)
 
     compare = commands.add_parser("compare-adapters", help="the embedded default's drafting variants (context, data, "
                                   "draft depth k): held-out top-1, in-loop acceptance, tau, speedup; names the winner")

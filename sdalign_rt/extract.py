@@ -27,6 +27,14 @@ from sdalign_rt.shallow import check_draft_layers
 
 MANIFEST = "manifest.json"
 ROW_KEYS = ("draft_hidden", "target_hidden", "context_hidden", "next_token")
+# One-pass extractions may also keep, per row, the token the text really continued with ("fed_token": the sampled
+# one where the verifier sampled; next_token stays its greedy choice, the drafter's label) and layer k's output for
+# several k at once ("layer{k}_hidden"; load_pairs(draft_layers=k) serves one of them as draft_hidden).
+FED_TOKEN = "fed_token"
+
+
+def layer_key(k: int) -> str:
+    return f"layer{k}_hidden"
 
 
 @dataclass
@@ -75,7 +83,8 @@ class ShardWriter:
         from safetensors.torch import save_file
 
         name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
-        tensors = {key: torch.cat([p[key] for p in self.pending]).contiguous() for key in ROW_KEYS}
+        keys = [key for key in self.pending[0] if key != "id"]  # the row keys the extraction keeps
+        tensors = {key: torch.cat([p[key] for p in self.pending]).contiguous() for key in keys}
         save_file(tensors, os.path.join(self.out_dir, name))
         self.manifest["shards"].append({"file": name, "rows": int(tensors["next_token"].shape[0]),
                                         "samples": [p["id"] for p in self.pending],
@@ -185,10 +194,11 @@ def extract_pairs(drafter, verifier, samples: Iterable[ExtractSample], out_dir: 
     return writer.manifest
 
 
-def load_pairs(out_dir: str) -> dict:
+def load_pairs(out_dir: str, draft_layers: int | None = None) -> dict:
     """All extracted rows of out_dir: {"draft_hidden", "target_hidden", "context_hidden" (extractions made before it
-    existed lack it), "next_token", "sample" (the row's sample number, in extraction order; rows of a sample are
-    consecutive continuation positions), "meta"}."""
+    existed lack it), "next_token", "fed_token" (one-pass extractions), "sample" (the row's sample number, in
+    extraction order; rows of a sample are consecutive continuation positions), "meta"}. An extraction that kept
+    several drafter depths serves the one draft_layers names as draft_hidden (and loads no other)."""
     from safetensors.torch import load_file
 
     path = os.path.join(out_dir, MANIFEST)
@@ -199,54 +209,97 @@ def load_pairs(out_dir: str) -> dict:
     parts = [load_file(os.path.join(out_dir, shard["file"])) for shard in manifest["shards"]]
     if not parts:
         raise ValueError(f"{out_dir!r} holds no extracted rows")
-    rows = {key: torch.cat([p[key] for p in parts]) for key in ROW_KEYS if all(key in p for p in parts)}
+    layers = manifest["meta"].get("draft_layers")
+    keys = ROW_KEYS + (FED_TOKEN,)
+    rename = {}
+    if isinstance(layers, list):
+        if draft_layers not in layers:
+            raise ValueError(f"{out_dir!r} holds drafter states of layers {layers}: pass draft_layers= one of them, "
+                             f"got {draft_layers!r}")
+        keys, rename = keys + (layer_key(draft_layers),), {layer_key(draft_layers): "draft_hidden"}
+    elif draft_layers is not None and layers is not None and draft_layers != layers:
+        raise ValueError(f"{out_dir!r} holds drafter states of layer {layers}, not {draft_layers}")
+    rows = {rename.get(key, key): torch.cat([p[key] for p in parts]) for key in keys if all(key in p for p in parts)}
     counts = [n for shard in manifest["shards"] for n in shard["sample_rows"]]
     sample = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
     return {**rows, "sample": sample, "meta": manifest["meta"]}
 
 
 @torch.no_grad()
-def extract_self_pairs(model, samples: list, out_dir: str, *, draft_layers: int, max_new_tokens: int = 64,
+def extract_self_pairs(model, samples: list, out_dir: str, *, draft_layers, max_new_tokens: int = 64,
                        batch_size: int = 32, shard_rows: int = 4096, dtype: torch.dtype = torch.float16,
+                       temperature: float = 0.0, top_p: float | None = None, seed: int = 0,
                        progress: bool = True) -> dict:
     """extract_pairs for a self-speculative pair (the model drafts from its own first draft_layers layers), in
-    one pass: the model greedily decodes each batch of text prompts through the runtime's own runner, and the
-    states every step computes anyway are the rows (layer k's output, the final state, the one before, the
-    token the final state predicts). No second forward over the text, no continuation cache; a row's
-    continuation ends at its first EOS. Batches are the resume unit."""
+    one pass: the model decodes each batch of text prompts through the runtime's own runner, and the states
+    every step computes anyway are the rows (layer k's output, the final state, the one before, the token the
+    final state predicts greedily). No second forward over the text, no continuation cache; a row's
+    continuation ends at its first EOS. Batches are the resume unit.
+
+    draft_layers: an int, or a sequence of depths kept side by side ("layer{k}_hidden", one pass for a sweep
+    over k; load_pairs(draft_layers=k) picks one). temperature > 0: the text continues with a token sampled as
+    users sample (temperature, then top_p; seeded per batch), while next_token stays the greedy choice at every
+    position: the label a drafter of greedy decoding learns, on text that wanders where sampling users go."""
+    from sdalign_rt.sampling import check_sampling_args
     from sdalign_rt.shallow import decoder_layers, final_norm
 
-    check_draft_layers(model, draft_layers)
+    several = not isinstance(draft_layers, int)
+    depths = sorted(set(draft_layers)) if several else [draft_layers]
+    if not depths:
+        raise ValueError("draft_layers is empty")
+    for k in depths:
+        check_draft_layers(model, k)
+    if temperature:
+        check_sampling_args(temperature, None, top_p)
     width = model.get_output_embeddings().weight.shape[1]
-    meta = {"draft_hidden_size": width, "target_hidden_size": width, "draft_layers": draft_layers,
-            "max_new_tokens": max_new_tokens, "dtype": str(dtype).replace("torch.", ""), "one_pass": True}
+    meta = {"draft_hidden_size": width, "target_hidden_size": width, "draft_layers": depths if several else depths[0],
+            "max_new_tokens": max_new_tokens, "dtype": str(dtype).replace("torch.", ""), "one_pass": True,
+            "temperature": temperature, "top_p": top_p, "seed": seed}
     writer = ShardWriter(out_dir, shard_rows, meta)
+    for key in ("max_new_tokens", "dtype", "temperature", "top_p", "seed"):
+        if writer.manifest["meta"].get(key, meta[key]) != meta[key]:
+            raise ValueError(f"{out_dir!r} was extracted with {key}={writer.manifest['meta'][key]!r}, not "
+                             f"{meta[key]!r}: remove it or extract into another folder")
+    position = {id(s): i for i, s in enumerate(samples)}
     todo = [s for s in samples if s.id not in writer.done]
-    for sample in todo:
+    for sample in samples:
         if sample.target_inputs or sample.draft_inputs or sample.draft_input_ids is not None:
             raise ValueError(f"sample {sample.id!r}: one-pass extraction takes text prompts of one model only")
     eos = _eos_ids(model)
     captured = {}
     # Layer k's output is what the next layer's input norm (or, for k = all, the final norm) reads.
     layers = decoder_layers(model)
-    tap = layers[draft_layers].input_layernorm if draft_layers < len(layers) else final_norm(model)
-    handle = tap.register_forward_pre_hook(lambda module, args: captured.__setitem__("layer", args[0]))
+    handles = []
+    for k in depths:
+        tap = layers[k].input_layernorm if k < len(layers) else final_norm(model)
+        handles.append(tap.register_forward_pre_hook(
+            lambda module, args, k=k: captured.__setitem__(k, args[0])))
+    keys = {k: layer_key(k) if several else "draft_hidden" for k in depths}
     try:
         for start in tqdm(range(0, len(todo), batch_size), desc="distil", unit="batch", disable=not progress):
             chunk = todo[start: start + batch_size]
-            for sample, rows in zip(chunk, _distil_batch(model, chunk, max_new_tokens, eos, captured)):
+            generator = None
+            if temperature:  # seeded by the batch's first sample: a resumed run draws what an unbroken one would
+                generator = torch.Generator(device=chunk[0].input_ids.device)
+                generator.manual_seed(seed * 1_000_003 + position[id(chunk[0])])
+            sampling = (temperature, top_p, generator) if temperature else None
+            for sample, rows in zip(chunk, _distil_batch(model, chunk, max_new_tokens, eos, captured, keys,
+                                                         sampling)):
                 writer.add(sample.id, {key: value.to("cpu", dtype) if value.is_floating_point() else value.cpu()
                                        for key, value in rows.items()})
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     writer.flush()
     return writer.manifest
 
 
-def _distil_batch(model, chunk, max_new_tokens: int, eos: set, captured: dict):
-    """Decode one left-padded batch greedily; per sample {draft_hidden, target_hidden, context_hidden, next_token}."""
+def _distil_batch(model, chunk, max_new_tokens: int, eos: set, captured: dict, keys: dict, sampling=None):
+    """Decode one left-padded batch (greedily, or sampling (temperature, top_p, generator)); per sample the rows
+    {keys[k] for each drafter depth k, target_hidden, context_hidden, next_token, fed_token}."""
     from sdalign_rt.kv_cache import additive
     from sdalign_rt.model_runner import ModelRunner, new_cache
+    from sdalign_rt.sampling import warped_probs
 
     lengths = [s.input_ids.shape[1] for s in chunk]
     width, device = max(lengths), chunk[0].input_ids.device
@@ -259,30 +312,37 @@ def _distil_batch(model, chunk, max_new_tokens: int, eos: set, captured: dict):
     runner = ModelRunner(model, new_cache(model, len(chunk), width + max_new_tokens + 2))
     cache = runner.cache
     final = runner.prefill(ids, mask, last_only=False)  # [B, P, D]
-    layer = captured["layer"]
     previous = torch.cat([final.new_zeros(len(chunk), 1, final.shape[-1]), final], dim=1)[:, -2]
     for row, n in enumerate(lengths):  # a one-token prompt has nothing before its last state
         if n == 1:
             previous[row] = 0
-    state, layer = final[:, -1], layer[:, -1]
+    state = final[:, -1]
+    layer = {k: captured[k][:, -1] for k in keys}
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
-    rows = {key: [] for key in ROW_KEYS}
+    names = tuple(keys.values()) + ("target_hidden", "context_hidden", "next_token", FED_TOKEN)
+    rows = {key: [] for key in names}
     alive = torch.ones(len(chunk), dtype=torch.bool, device=device)
     alive_steps = []
     own = additive(torch.ones(1, 1, 1, dtype=torch.bool, device=device), cache.dtype)
     for _ in range(max_new_tokens):
-        token = runner.logits(state).argmax(-1)
-        for key, value in zip(ROW_KEYS, (layer, state, previous, token)):
+        logits = runner.logits(state)
+        token = logits.argmax(-1)
+        fed = token
+        if sampling is not None:
+            temperature, top_p, generator = sampling
+            fed = torch.multinomial(warped_probs(logits, temperature, None, top_p), 1, generator=generator)[:, 0]
+        for key, value in zip(names, [layer[k] for k in keys] + [state, previous, token, fed]):
             rows[key].append(value)
         alive_steps.append(alive.clone())
-        alive = alive & ~torch.isin(token, eos_ids)  # a row's rows end with its first EOS
+        alive = alive & ~torch.isin(fed, eos_ids)  # a row's rows end with the first EOS its text takes
         if not bool(alive.any()):
             break
-        hidden = runner.forward(runner.embed(token[:, None]), cache.next_positions()[:, None],
+        hidden = runner.forward(runner.embed(fed[:, None]), cache.next_positions()[:, None],
                                 cache.lengths[:, None], cache.attention_bias(own, cache.lengths))
         cache.lengths += 1
         cache.refresh_bias()
-        previous, state, layer = state, hidden[:, -1], captured["layer"][:, -1]
+        previous, state = state, hidden[:, -1]
+        layer = {k: captured[k][:, -1] for k in keys}
     steps = torch.stack(alive_steps, 1)  # [B, steps]: the rows each sample keeps (through its first EOS)
     stacked = {key: torch.stack(values, 1) for key, values in rows.items()}
     return [{key: value[row][steps[row]] for key, value in stacked.items()} for row in range(len(chunk))]

@@ -19,7 +19,8 @@ from test_decoder import tiny_llama  # noqa: E402
 CHAT = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
 TINY = experiment.DemoConfig(draft_layers=1, tree="plan", train_prompts=6, train_new_tokens=6, epochs=2,
                              eval_prompts=2, max_new_tokens=8, draft_vocab=40, generation_batch=4, bottleneck=8,
-                             rounds=1, plan_max_nodes=4, plan_max_depth=2, feature_thresholds=(0.5, 0.95))
+                             rounds=1, plan_max_nodes=4, plan_max_depth=2, feature_thresholds=(0.5, 0.95),
+                             acceptance_prompts=2)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,20 @@ def test_demo_round_trip_then_reuses_the_cache(checkpoint, tmp_path, monkeypatch
                 "feature_sweep", "tree_plan", "bookkeeping_share_of_verify"):
         assert key in result
     assert result["lossless"] is True and set(result["peers"]) == set(experiment.PEERS)
+    acceptance = result["acceptance"]
+    assert acceptance["lossless"] is True and acceptance["conversations"] == TINY.acceptance_prompts
+    assert 0 <= acceptance["second_draft"] <= acceptance["first_draft"] <= 1
+    assert acceptance["tree"]["mean_accepted"] >= 1 and len(acceptance["chain:4"]["per_position_acceptance"]) == 4
+    assert result["peers"]["ours_one_token"]["over_one_token"] == 1.0
+    assert result["speculation_over_one_token"] == result["peers"]["ours_speculative"]["over_one_token"]
     for name, peer in result["peers"].items():  # every peer is greedy decoding: all identical to HF generate
         assert peer["identical"] is True and peer["tokens_per_s"] > 0, name
     assert result["peers"]["hf_generate"]["speedup"] == 1.0
     assert result["draft_layers"] == 1 and len(result["per_position_acceptance"]) == sd.TreeSpec.parse(
         result["tree"]).depth <= 2
     assert result["new_tokens"] == 2 * 8 and result["alignment"]["training"]["rows"]["train"] > 0
+    assert [p["prompt"] for p in result["prompts"]] == [e["messages"][-1]["content"]
+                                                       for e in experiment.eval_conversations(2)]
     assert [row["threshold"] for row in result["feature_sweep"]] == [0.5, 0.95]
     assert all(0 <= row["differing_token_share"] <= 1 for row in result["feature_sweep"])
     assert result["tree_plan"]["plan"]["nodes"] <= 4
@@ -66,7 +75,8 @@ def test_demo_round_trip_then_reuses_the_cache(checkpoint, tmp_path, monkeypatch
 
 
 def test_distillation_extends_to_more_prompts(checkpoint, tmp_path):
-    """More training prompts distil only the new ones; fewer take the first rows of a larger distillation."""
+    """More training conversations distil only the new ones; fewer take the rows of a larger distillation. The
+    sampled pass covers the first `sampled` share; its texts count as samples of their own."""
     from sdalign_rt.extract import MANIFEST
 
     model, tokenizer = experiment.load_model(checkpoint, "float32")
@@ -75,19 +85,28 @@ def test_distillation_extends_to_more_prompts(checkpoint, tmp_path):
     six = experiment.distilled_rows(model, tokenizer, 1, cache, TINY, progress=False)
     with open(os.path.join(experiment._pairs_dir(cache, TINY, 1), MANIFEST)) as f:
         assert sorted(json.load(f)["done"], key=int) == [str(i) for i in range(6)]
-    assert int(four["sample"].max()) == 3 and int(six["sample"].max()) == 5
-    assert torch.equal(six["next_token"][six["sample"] < 4], four["next_token"])
+    with open(os.path.join(experiment._pairs_dir(cache, TINY, 1, TINY.sample_temperature), MANIFEST)) as f:
+        assert sorted(json.load(f)["done"], key=int) == ["0", "1", "2"]  # half of six
+    assert set(four["sample"].unique().tolist()) == {0, 1, 2, 3, 4, 5}  # 4 greedy texts, 2 sampled (4 + 0, 4 + 1)
+    assert set(six["sample"].unique().tolist()) == set(range(6)) | {6, 7, 8}
+    assert torch.equal(six["next_token"][six["sample"] < 4], four["next_token"][four["sample"] < 4])
+    assert "fed_token" in six and six["draft_hidden"].shape[1] == model.config.hidden_size
     again = experiment.distilled_rows(model, tokenizer, 1, cache, replace(TINY, train_prompts=4), progress=False)
     assert torch.equal(again["next_token"], four["next_token"])
+    # the same folders serve another depth of the sweep without distilling again
+    two = experiment.distilled_rows(model, tokenizer, 2, cache, TINY, progress=False)
+    assert torch.equal(two["next_token"], six["next_token"]) and not torch.equal(two["draft_hidden"],
+                                                                                six["draft_hidden"])
 
 
 def test_compare_adapters_names_the_fastest(checkpoint, tmp_path):
-    variants = (("k=1", dict(draft_layers=1, context=False)), ("k=2, context", dict(draft_layers=2, context=True)))
+    variants = (("k=1", dict(draft_layers=1, context=False, unroll=1)), ("k=2, context", dict(draft_layers=2)))
     result = experiment.compare_adapters(TINY, variants, cache_dir=str(tmp_path), progress=False,
                                          checkpoint=checkpoint, tree="chain:2")
     assert [row["variant"] for row in result["rows"]] == ["k=1", "k=2, context"]
     assert all(row["lossless"] for row in result["rows"])
-    assert result["winner"] == max(result["rows"], key=lambda row: row["speedup"])["variant"]
+    assert result["winner"] == max(result["rows"], key=lambda row: row["over_one_token"])["variant"]
+    assert all(len(row["per_position_acceptance"]) == 2 for row in result["rows"])
     experiment.write_comparison(result, str(tmp_path / "adapters.json"))
     assert (tmp_path / "adapters.png").exists()
 
@@ -122,10 +141,13 @@ def test_shipped_adapter_loads_and_names_the_command_that_rebuilds_it():
     assert experiment.shipped_adapter_dir(default) == experiment.SHIPPED
     assert experiment.shipped_adapter_dir(replace(default, draft_layers=3)) is None  # another config trains its own
     prompts = experiment._train_prompts(default)
-    assert hashlib.sha256(json.dumps(prompts).encode()).hexdigest() == provenance["training_data"]["prompts_sha256"]
-    assert provenance["commit"] and provenance["training_data"]["prompts"] == len(prompts)
+    data = provenance["training_data"]
+    assert hashlib.sha256(json.dumps(prompts).encode()).hexdigest() == data["conversations_sha256"]
+    assert provenance["commit"] and data["conversations"] == len(prompts)
+    assert {key: getattr(default, key) for key in provenance["config"]} == provenance["config"]
     adapter = sd.BottleneckAdapter.from_pretrained(experiment.SHIPPED)
     assert (adapter.hidden_size, adapter.out_size, adapter.context_size) == (576, 576, 576)
+    assert adapter.bottleneck == default.bottleneck
     with open(os.path.join(experiment.SHIPPED, "alignment.json")) as f:
         assert 0 < json.load(f)["top1_agreement"] <= 1
     with open(os.path.join(experiment.SHIPPED, "tree_plan-cpu-float32.json")) as f:

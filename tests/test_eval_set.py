@@ -37,3 +37,24 @@ def test_nothing_of_training_appears():
         for fragment in (part.strip().lower() for part in re.split(r"\{topic\}", template)):
             if len(fragment) >= 12:
                 assert not any(fragment in text for text in evaluation), (template, fragment)
+
+
+def test_the_generated_training_set_stays_apart_from_the_evaluation_set():
+    """The committed, model-written training conversations: many kinds, no user turn equal to an evaluation turn,
+    no word 8-gram shared with one (the generator's decontamination, checked on what was committed)."""
+    from sdalign_rt.demo import training_set
+
+    entries = training_set.shipped_training_set()
+    assert len(entries) >= 1500
+    kinds = {e["kind"] for e in entries}
+    assert {"question", "instruction", "code", "arithmetic", "troubleshooting", "letter", "given_text",
+            "long_input", "multi_turn", "code_snippet"} <= kinds
+    evaluation = [t for e in prompts.frozen_eval_set() for t in user_texts(e)]
+    banned = set().union(*(training_set.shingles(t, 8) for t in evaluation))
+    normalised = {" ".join(t.lower().split()) for t in evaluation}
+    for entry in entries:
+        for text in user_texts(entry):
+            assert " ".join(text.lower().split()) not in normalised, text
+            assert not training_set.shingles(text, 8) & banned, text
+    assert any(len(e["messages"]) == 3 and e["messages"][1]["role"] == "assistant" for e in entries)
+    assert sum(len(user_texts(e)[0]) > 1000 for e in entries) >= 20  # long inputs

@@ -120,3 +120,39 @@ def test_one_pass_self_extraction_matches_the_two_pass_one(tmp_path):
     extract_self_pairs(eos_model, items[:1], str(tmp_path / "eos"), draft_layers=1, max_new_tokens=7,
                        dtype=torch.float32, progress=False)
     assert load_pairs(str(tmp_path / "eos"))["next_token"].tolist() == first[:cut + 1]
+
+
+def test_one_pass_keeps_several_depths_and_sampled_text(tmp_path):
+    """Several drafter depths in one pass equal one pass per depth; a sampled pass feeds sampled tokens while its
+    labels stay the greedy ones (the argmax of the head on the kept final state), seeded and resumable."""
+    from sdalign_rt.extract import extract_self_pairs
+
+    gen = torch.Generator().manual_seed(4)
+    items = [ExtractSample(id=f"s{i}", input_ids=torch.randint(1, VOCAB, (1, n), generator=gen))
+             for i, n in enumerate((3, 5, 2, 4))]
+    depths = TARGET.config.num_hidden_layers
+    extract_self_pairs(TARGET, items, str(tmp_path / "all"), draft_layers=list(range(1, depths + 1)),
+                       max_new_tokens=6, batch_size=2, dtype=torch.float32, progress=False)
+    for k in range(1, depths + 1):
+        extract_self_pairs(TARGET, items, str(tmp_path / f"k{k}"), draft_layers=k, max_new_tokens=6, batch_size=2,
+                           dtype=torch.float32, progress=False)
+        both, single = load_pairs(str(tmp_path / "all"), draft_layers=k), load_pairs(str(tmp_path / f"k{k}"))
+        assert torch.equal(both["draft_hidden"], single["draft_hidden"])
+        assert torch.equal(both["fed_token"], both["next_token"])  # greedy text: it continues with the label
+    with pytest.raises(ValueError, match="pass draft_layers= one of them"):
+        load_pairs(str(tmp_path / "all"))
+    with pytest.raises(ValueError, match="not 2"):
+        load_pairs(str(tmp_path / "k1"), draft_layers=2)
+
+    sampled = dict(draft_layers=1, max_new_tokens=6, batch_size=2, dtype=torch.float32, temperature=1.5, seed=7,
+                   progress=False)
+    extract_self_pairs(TARGET, items, str(tmp_path / "s"), **sampled)
+    rows = load_pairs(str(tmp_path / "s"))
+    labels = TARGET.lm_head(rows["target_hidden"]).argmax(-1)
+    assert torch.equal(rows["next_token"], labels)
+    assert not torch.equal(rows["fed_token"], rows["next_token"])  # the text wandered off the greedy path
+    extract_self_pairs(TARGET, items[:2], str(tmp_path / "half"), **sampled)  # the first batch, then the rest
+    extract_self_pairs(TARGET, items, str(tmp_path / "half"), **sampled)
+    assert torch.equal(load_pairs(str(tmp_path / "half"))["fed_token"], rows["fed_token"])
+    with pytest.raises(ValueError, match="temperature=1.5"):
+        extract_self_pairs(TARGET, items, str(tmp_path / "s"), **{**sampled, "temperature": 0.5})

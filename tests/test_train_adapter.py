@@ -122,3 +122,17 @@ def test_held_out_rows_are_the_validation_split_in_order():
     assert torch.equal(held["next_token"], data["next_token"][val.sort().values])
     assert torch.equal(held["draft_hidden"], data["draft_hidden"][val.sort().values])
     assert held["meta"] == {"draft_layers": 2} and len(held["next_token"]) == 10
+
+
+def test_soft_targets_follow_the_verifier_distribution():
+    """kl_weight: zero loss when the adapter predicts the verifier's state exactly, positive otherwise, and it
+    needs the head."""
+    gen = torch.Generator().manual_seed(2)
+    head = torch.randn(40, 16, generator=gen)
+    target = torch.randn(8, 16, generator=gen)
+    config = ta.TrainConfig(mse_weight=0.0, cos_weight=0.0, kl_weight=1.0)
+    none = torch.full((8,), -100)
+    assert float(ta.prediction_loss(target, target, none, config, head)) == pytest.approx(0.0, abs=1e-6)
+    assert float(ta.prediction_loss(target + torch.randn(8, 16, generator=gen), target, none, config, head)) > 0.05
+    with pytest.raises(ValueError, match="kl_weight > 0"):
+        ta.train_adapter(rows(), ta.TrainConfig(kl_weight=1.0), progress=False)
