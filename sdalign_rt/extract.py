@@ -50,17 +50,22 @@ class ExtractSample:
 class ShardWriter:
     """Buffers rows and writes `shard_rows`-row safetensors shards; the manifest records finished samples."""
 
-    def __init__(self, out_dir: str, shard_rows: int, meta: dict):
+    def __init__(self, out_dir: str, shard_rows: int, meta: dict, settings: tuple = ()):
+        """settings: further meta keys a resumed extraction must share where the stored manifest records them
+        (manifests written before a key existed lack it)."""
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.shard_rows = out_dir, shard_rows
         path = os.path.join(out_dir, MANIFEST)
         if os.path.exists(path):
             with open(path) as f:
                 self.manifest = json.load(f)
-            for key in ("draft_hidden_size", "target_hidden_size", "draft_layers"):
-                if self.manifest["meta"].get(key) != meta.get(key):
-                    raise ValueError(f"{out_dir} holds an extraction with {key}={self.manifest['meta'].get(key)}, "
-                                     f"not {meta.get(key)}: use another directory")
+            stored = self.manifest["meta"]
+            required = {key: stored.get(key) for key in ("draft_hidden_size", "target_hidden_size", "draft_layers")}
+            recorded = {key: stored[key] for key in settings if key in stored}
+            for key, value in {**required, **recorded}.items():
+                if value != meta.get(key):
+                    raise ValueError(f"{out_dir} holds an extraction with {key}={value}, not {meta.get(key)}: "
+                                     "use another directory")
         else:
             self.manifest = {"meta": meta, "shards": [], "done": []}
         self.pending: list[dict] = []  # per sample: its rows, kept until a shard takes them
@@ -197,7 +202,8 @@ def extract_pairs(drafter, verifier, samples: Iterable[ExtractSample], out_dir: 
 def load_pairs(out_dir: str, draft_layers: int | None = None) -> dict:
     """All extracted rows of out_dir: {"draft_hidden", "target_hidden", "context_hidden" (extractions made before it
     existed lack it), "next_token", "fed_token" (one-pass extractions), "sample" (the row's sample number, in
-    extraction order; rows of a sample are consecutive continuation positions), "meta"}. An extraction that kept
+    extraction order; rows of a sample are consecutive continuation positions), "sample_ids" (sample number ->
+    the sample's id), "meta"}. An extraction that kept
     several drafter depths serves the one draft_layers names as draft_hidden (and loads no other)."""
     from safetensors.torch import load_file
 
@@ -222,7 +228,8 @@ def load_pairs(out_dir: str, draft_layers: int | None = None) -> dict:
     rows = {rename.get(key, key): torch.cat([p[key] for p in parts]) for key in keys if all(key in p for p in parts)}
     counts = [n for shard in manifest["shards"] for n in shard["sample_rows"]]
     sample = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
-    return {**rows, "sample": sample, "meta": manifest["meta"]}
+    ids = [i for shard in manifest["shards"] for i in shard["samples"]]
+    return {**rows, "sample": sample, "sample_ids": ids, "meta": manifest["meta"]}
 
 
 @torch.no_grad()
@@ -255,11 +262,8 @@ def extract_self_pairs(model, samples: list, out_dir: str, *, draft_layers, max_
     meta = {"draft_hidden_size": width, "target_hidden_size": width, "draft_layers": depths if several else depths[0],
             "max_new_tokens": max_new_tokens, "dtype": str(dtype).replace("torch.", ""), "one_pass": True,
             "temperature": temperature, "top_p": top_p, "seed": seed}
-    writer = ShardWriter(out_dir, shard_rows, meta)
-    for key in ("max_new_tokens", "dtype", "temperature", "top_p", "seed"):
-        if writer.manifest["meta"].get(key, meta[key]) != meta[key]:
-            raise ValueError(f"{out_dir!r} was extracted with {key}={writer.manifest['meta'][key]!r}, not "
-                             f"{meta[key]!r}: remove it or extract into another folder")
+    writer = ShardWriter(out_dir, shard_rows, meta,
+                         settings=("max_new_tokens", "dtype", "temperature", "top_p", "seed"))
     position = {id(s): i for i, s in enumerate(samples)}
     todo = [s for s in samples if s.id not in writer.done]
     for sample in samples:

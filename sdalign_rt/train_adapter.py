@@ -162,23 +162,21 @@ def split_rows(count: int, val_fraction: float, seed: int, groups: torch.Tensor 
     return every[~held][torch.randperm(int((~held).sum()), generator=torch.Generator().manual_seed(seed))], every[held]
 
 
-def _split(rows: dict, config) -> tuple:
+def _split(rows: dict, split: str, val_fraction: float, seed: int) -> tuple:
     groups = None
-    if config.split == "samples":
+    if split == "samples":
         if rows.get("sample") is None:
             raise ValueError('split="samples" needs the rows\' sample numbers (load_pairs gives them)')
         groups = rows["sample"]
-    elif config.split != "rows":
-        raise ValueError(f'split must be "rows" or "samples", got {config.split!r}')
-    return split_rows(len(rows["next_token"]), config.val_fraction, config.seed, groups)
+    elif split != "rows":
+        raise ValueError(f'split must be "rows" or "samples", got {split!r}')
+    return split_rows(len(rows["next_token"]), val_fraction, seed, groups)
 
 
 def held_out_rows(rows: dict, val_fraction: float, seed: int, split: str = "rows") -> dict:
     """The rows train_adapter held out for validation with this fraction, seed and split, in extraction order
     (entries that are not per-row tensors, such as "meta", pass through)."""
-    from types import SimpleNamespace
-
-    _, held_out = _split(rows, SimpleNamespace(split=split, val_fraction=val_fraction, seed=seed))
+    _, held_out = _split(rows, split, val_fraction, seed)
     held_out = held_out.sort().values
     return {key: (value[held_out] if isinstance(value, torch.Tensor) else value) for key, value in rows.items()}
 
@@ -217,7 +215,7 @@ def train_adapter(rows: dict, config: TrainConfig, out_dir: str | None = None, l
             previous[0] = -1
     if (config.ce_weight or config.kl_weight or config.draft_vocab) and lm_head is None:
         raise ValueError("ce_weight > 0, kl_weight > 0 and draft_vocab > 0 need the verifier's LM head (lm_head)")
-    train_idx, val_idx = _split(rows, config)
+    train_idx, val_idx = _split(rows, config.split, config.val_fraction, config.seed)
     if config.unroll > 1:
         following = _following_rows(rows, tokens, train_idx)
     torch.manual_seed(config.seed)

@@ -199,9 +199,7 @@ def distilled_rows(model, tokenizer, k: int, cache_dir: str, config: DemoConfig,
                            top_p=TOP_P if temperature else None, seed=config.seed, progress=progress)
         rows = load_pairs(pairs, draft_layers=None if templates else k)
         # An extraction made for more conversations also serves fewer; samples numbered by their conversation.
-        with open(os.path.join(pairs, "manifest.json")) as f:
-            ids = [int(i) for shard in json.load(f)["shards"] for i in shard["samples"]]
-        conversation = torch.tensor(ids, dtype=torch.long)[rows["sample"]]
+        conversation = torch.tensor([int(i) for i in rows.pop("sample_ids")], dtype=torch.long)[rows["sample"]]
         keep = conversation < count
         rows = {key: (value[keep] if isinstance(value, torch.Tensor) else value) for key, value in rows.items()}
         rows["sample"] = conversation[keep] + (len(prompts) * len(parts))  # a sampled text is a sample of its own
@@ -229,7 +227,8 @@ def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig
 
     out = _adapter_dir(cache_dir, config, k)
     if retrain:
-        for stale in (out, _pairs_dir(cache_dir, config, k), _pairs_dir(cache_dir, config, k, config.sample_temperature)):
+        stale_rows = [_pairs_dir(cache_dir, config, k, t) for t in (0.0, config.sample_temperature)]
+        for stale in [out] + stale_rows:
             shutil.rmtree(stale, ignore_errors=True)
     shipped = None if retrain or not use_shipped else shipped_adapter_dir(config)
     for folder in (out, shipped):
@@ -242,7 +241,8 @@ def prepare_adapter(model, tokenizer, k: int, cache_dir: str, config: DemoConfig
     generated = config.train_set != "templates"
     train = TrainConfig(bottleneck=config.bottleneck, epochs=config.epochs, ce_weight=1.0, input_norm=True,
                         draft_vocab=config.draft_vocab, context=config.context, self_context=config.self_context,
-                        unroll=config.unroll if generated else 1, kl_weight=config.kl_weight, split="samples" if generated else "rows",
+                        unroll=config.unroll if generated else 1, kl_weight=config.kl_weight,
+                        split="samples" if generated else "rows",
                         batch_size=512 if generated else 256, lr=2e-3 if generated else 1e-3,
                         patience=2 if generated else 3, seed=config.seed)
     adapter, log = train_adapter(rows, train, out_dir=out, lm_head=model.get_output_embeddings(),
@@ -326,8 +326,7 @@ def measure(model, tokenizer, adapter, k: int, tree, config: DemoConfig, progres
     for run in systems.values():
         run(warm)
     rounds = []
-    stats_sum = {"steps": 0, "row_steps": 0, "accepted": 0, "draft_s": 0.0, "verify_forward_s": 0.0,
-                 "bookkeeping_s": 0.0, "per_position": [0.0] * tree.depth}
+    stats_sum = _new_stats(tree.depth)
     texts, identical = {}, {name: True for name in systems}
     bar = tqdm(total=config.rounds * len(prompts) * len(systems), desc=f"measure k={k}", unit="run",
                disable=not progress)
@@ -404,8 +403,8 @@ def eval_acceptance(model, tokenizer, adapter, k: int, tree, count: int, max_new
                 "chain:4": sd.SpeculativeDecoder(model, model, adapter=adapter, tree=sd.TreeSpec.parse("chain:4"),
                                                  draft_layers=k)}
     report = {"conversations": len(entries), "max_new_tokens": max_new_tokens, "tree": str(tree)}
-    totals = {name: {"row_steps": 0, "accepted": 0, "per_position": None, "by_depth_rank": None, "identical": True,
-                     "by_kind": {}} for name in decoders}
+    totals = {name: dict(_new_stats(decoder.tree.depth), identical=True, by_kind={},
+                         by_depth_rank=[{} for _ in range(decoder.tree.depth)]) for name, decoder in decoders.items()}
     for entry in tqdm(entries, desc="acceptance on the frozen set", unit="conversation", disable=not progress):
         ids = chat_ids(tokenizer, entry["messages"])
         expected = plain.generate(ids, max_new_tokens).sequences
@@ -413,15 +412,8 @@ def eval_acceptance(model, tokenizer, adapter, k: int, tree, count: int, max_new
             out = decoder.generate(ids, max_new_tokens)
             stats, total = out.stats, totals[name]
             total["identical"] &= bool(torch.equal(out.sequences, expected))
-            total["row_steps"] += stats["row_steps"]
-            total["accepted"] += stats["accepted"]
-            counts = [a * stats["row_steps"] for a in stats["per_position_acceptance"]]
-            total["per_position"] = counts if total["per_position"] is None else [
-                a + b for a, b in zip(total["per_position"], counts)]
-            ranks = stats["accepted_by_depth_rank"]
-            if total["by_depth_rank"] is None:
-                total["by_depth_rank"] = [{} for _ in ranks]
-            for depth, by_rank in enumerate(ranks):
+            _add_stats(total, stats)
+            for depth, by_rank in enumerate(stats["accepted_by_depth_rank"]):
                 for rank, n in by_rank.items():
                     total["by_depth_rank"][depth][rank] = total["by_depth_rank"][depth].get(rank, 0) + n
             kind = total["by_kind"].setdefault(entry["kind"], [0, 0])
@@ -435,12 +427,19 @@ def eval_acceptance(model, tokenizer, adapter, k: int, tree, count: int, max_new
             "per_position_acceptance": [round(c / steps, 4) for c in total["per_position"]],
             "accepted_by_depth_rank": [{r: round(n / steps, 4) for r, n in sorted(d.items())}
                                        for d in total["by_depth_rank"]],
-            "mean_accepted_by_kind": {kind: round(a / max(n, 1), 3) for kind, (a, n) in sorted(total["by_kind"].items())},
+            "mean_accepted_by_kind": {kind: round(a / max(n, 1), 3)
+                                      for kind, (a, n) in sorted(total["by_kind"].items())},
         }
     chain = report["chain:4"]["per_position_acceptance"]
     report["first_draft"], report["second_draft"] = chain[0], chain[1]
     report["lossless"] = all(report[name]["identical"] for name in decoders)
     return report
+
+
+def _new_stats(depth: int) -> dict:
+    """What _add_stats sums over decodes with a tree of this depth."""
+    return {"steps": 0, "row_steps": 0, "accepted": 0, "draft_s": 0.0, "verify_forward_s": 0.0, "bookkeeping_s": 0.0,
+            "per_position": [0.0] * depth}
 
 
 def _add_stats(total: dict, stats: dict) -> None:
@@ -582,9 +581,8 @@ def compare_adapters(config: DemoConfig, variants=VARIANTS, cache_dir: str | Non
         decoder = sd.SpeculativeDecoder(model, model, adapter=adapter, tree=spec, draft_layers=k)
         decoder.generate(prompts[0], 8)
         plain.generate(prompts[0], 8)
-        stats_sum = {"steps": 0, "row_steps": 0, "accepted": 0, "draft_s": 0.0, "verify_forward_s": 0.0,
-                     "bookkeeping_s": 0.0, "per_position": [0.0] * spec.depth}
-        ours_s = plain_s = 0.0
+        stats_sum = _new_stats(spec.depth)
+        seconds = {"plain": 0.0, "ours": 0.0}
         lossless = True
         for index, ids in enumerate(tqdm(prompts, desc=label, unit="conversation", disable=not progress)):
             runs = [("plain", plain), ("ours", decoder)]
@@ -592,11 +590,7 @@ def compare_adapters(config: DemoConfig, variants=VARIANTS, cache_dir: str | Non
             for name, runner in (runs if index % 2 == 0 else runs[::-1]):
                 start = time.perf_counter()
                 outputs[name] = runner.generate(ids, config.max_new_tokens)
-                elapsed = time.perf_counter() - start
-                if name == "plain":
-                    plain_s += elapsed
-                else:
-                    ours_s += elapsed
+                seconds[name] += time.perf_counter() - start
             lossless &= torch.equal(outputs["ours"].sequences, outputs["plain"].sequences)
             _add_stats(stats_sum, outputs["ours"].stats)
         count = max(stats_sum["row_steps"], 1)
@@ -608,7 +602,7 @@ def compare_adapters(config: DemoConfig, variants=VARIANTS, cache_dir: str | Non
                      "token_acceptance": _token_acceptance(stats_sum["per_position"], count),
                      "mean_accepted": (stats_sum["accepted"] + count) / count,
                      "draft_ms_per_step": 1e3 * stats_sum["draft_s"] / max(stats_sum["steps"], 1),
-                     "over_one_token": plain_s / ours_s})
+                     "over_one_token": seconds["plain"] / seconds["ours"]})
     best = max(rows, key=lambda row: row["over_one_token"])
     return {"tree": tree, "conversations": len(prompts), "max_new_tokens": config.max_new_tokens,
             "winner": best["variant"], "rows": rows, "config": asdict(config), "environment": environment()}

@@ -22,6 +22,7 @@ interrupted build resumes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -122,7 +123,8 @@ TEXT_ASKS = (
     "Translate this paragraph into German:\n\n{text}", "Please translate to Spanish:\n\n{text}",
     "Give this text a good title.\n\n{text}", "Write three questions a teacher could ask about this text:\n\n{text}",
     "{text}\n\nWhat is this text about?", "{text}\n\nTurn the text above into a bulleted list.",
-    "{text}\n\nContinue this text with one more paragraph.", "Find any mistakes in this text and correct them:\n\n{text}",
+    "{text}\n\nContinue this text with one more paragraph.",
+    "Find any mistakes in this text and correct them:\n\n{text}",
     "Here is a text:\n{text}\nExplain it in simple words.", "{text}\n\nWhat tone does the author use?",
 )
 LONG_ASKS = (
@@ -370,6 +372,11 @@ def build_training_set(model, tokenizer, work_dir: str, *, requests: int = 1400,
 
 
 def shipped_training_set() -> list[dict]:
-    """The committed training conversations [{"kind", "messages"}]."""
+    """The committed training conversations [{"kind", "messages"}] (read once per process; do not modify)."""
+    return _load_shipped()["conversations"]
+
+
+@functools.lru_cache(maxsize=1)
+def _load_shipped() -> dict:
     with open(SHIPPED_SET) as f:
-        return json.load(f)["conversations"]
+        return json.load(f)
