@@ -11,7 +11,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-PACKAGES = ["sdalign_rt", "sdalign_rt.models", "sdalign_rt.demo", "sdalign_rt.kernels"]
+PACKAGES = ["sdalign_rt", "sdalign_rt.models", "sdalign_rt.demo", "sdalign_rt.kernels", "sdalign_rt.vllm_plugin"]
 # kernels/ is a top-level folder (the layout shows the architecture) installed as sdalign_rt.kernels
 # so that the import name cannot clash with other distributions.
 PACKAGE_DIR = {"sdalign_rt": "sdalign_rt", "sdalign_rt.kernels": "kernels"}

@@ -334,6 +334,39 @@ def _make_train_set(args) -> int:
     return 0
 
 
+def _export_vllm_drafter(args) -> int:
+    from sdalign_rt.vllm_plugin.export import export_drafter
+
+    if args.target is None or args.adapter is None:
+        # The embedded default: SmolLM2 and the adapter shipped for it (trained for its first 2 layers).
+        from sdalign_rt.demo import experiment, smollm2
+
+        if args.target is None:
+            args.target = smollm2.checkpoint(args.cache_dir)
+        if args.adapter is None:
+            args.adapter = experiment.SHIPPED
+            provenance = experiment.shipped_provenance() or {}
+            shipped_k = provenance.get("config", {}).get("draft_layers")
+            if args.draft_layers is None:
+                args.draft_layers = shipped_k
+            elif shipped_k is not None and args.draft_layers != shipped_k:
+                raise SystemExit(f"sdalign-rt export-vllm-drafter: the shipped adapter was trained on layer {shipped_k}'s "
+                                 f"states, not {args.draft_layers}'s: pass --adapter for another depth")
+    if args.draft_layers is None:
+        raise SystemExit("sdalign-rt export-vllm-drafter: --draft-layers is required with --adapter (the depth it was trained on)")
+    _require_dirs("export-vllm-drafter", args, ("target", "adapter"))
+    try:
+        out = export_drafter(args.target, args.adapter, args.draft_layers, args.out, dtype=args.dtype)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"sdalign-rt export-vllm-drafter: {error}") from error
+    print(f"wrote the vLLM draft checkpoint to {out}. Use it (with sdalign_rt installed beside vLLM) as:\n"
+          f"  vllm serve {args.target} --speculative-config "
+          f"'{{\"method\": \"eagle\", \"model\": \"{out}\", \"num_speculative_tokens\": 1}}'\n"
+          f"  LLM(model={args.target!r}, speculative_config={{\"method\": \"eagle\", \"model\": {out!r}, "
+          f"\"num_speculative_tokens\": 1}})")
+    return 0
+
+
 # The peers as a reader should read them (SmolLM2 was not trained to exit early: that peer shows HF's assisted
 # decoding with the same shallow drafter and no adapter, not a tuned early-exit model).
 DEMO_LABELS = {"hf_generate": "HF generate (greedy)", "hf_prompt_lookup": "HF prompt lookup",
@@ -557,6 +590,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--compare-tree", default="chain:4", help="the one tree every variant decodes with")
     compare.add_argument("--json", default="adapters.json")
     compare.set_defaults(run=_compare_adapters)
+
+    export = commands.add_parser("export-vllm-drafter", help="a checkpoint folder of our drafter (the verifier's first "
+                                 "k layers + the adapter) that vLLM loads as speculative_config method \"eagle\"")
+    export.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors)")
+    export.add_argument("--target", default=None, help="the verifier's checkpoint folder (a Llama-family causal LM; "
+                        "default: the embedded SmolLM2)")
+    export.add_argument("--adapter", default=None, help="the adapter folder (default: the one shipped for SmolLM2)")
+    export.add_argument("--draft-layers", type=int, default=None, help="k, the depth the adapter was trained on "
+                        "(default: the shipped adapter's)")
+    export.add_argument("--dtype", default=None, help="cast the weights (float32, bfloat16, float16; default: as stored)")
+    export.add_argument("--cache-dir", default=None, help="where the embedded checkpoint is kept")
+    export.set_defaults(run=_export_vllm_drafter)
     return parser
 
 
