@@ -226,3 +226,18 @@ def test_vllm_drafts_land_with_the_shipped_adapter(tmp_path):
     print(rates)
     assert first_draft(ours) >= 0.2, rates
     assert first_draft(ours) >= first_draft(without) + 0.15, rates
+
+
+def test_committed_vllm_comparison_names_every_system():
+    """bench/results/vllm_cpu.json (bench/bench_vllm.py) carries the five systems the README's table quotes,
+    each with its speed and whether its output matched its reference decode."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
+                        "vllm_cpu.json")
+    with open(path) as f:
+        result = json.load(f)
+    systems = result["systems"]
+    assert set(systems) == {"vllm_plain", "vllm_ngram", "vllm_ours", "ours_one_token", "ours_speculative"}
+    for name, entry in systems.items():
+        assert isinstance(entry["tokens_per_s"], float) and entry["tokens_per_s"] > 0, name
+        assert entry["identical"] is True, name
+    assert systems["vllm_ours"]["acceptance"]["per_position"][0] > 0

@@ -32,6 +32,7 @@ from vllm.model_executor.models.llama import LlamaModel as _TargetLlamaModel
 from vllm.model_executor.models.llama_eagle import LlamaDecoderLayer
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
+from sdalign_rt import cpu_linear
 from sdalign_rt.vllm_plugin import ARCHITECTURE
 
 
@@ -151,8 +152,9 @@ class EagleBottleneckLlamaForCausalLM(nn.Module):
         if vocab is None:
             return self.logits_processor(self.lm_head, hidden_states)
         if get_tensor_model_parallel_world_size() == 1:
-            # One rank holds the whole head: score the draft rows only (a sixth of SmolLM2's head).
-            scores = F.linear(hidden_states, self._draft_rows())
+            # One rank holds the whole head: score the draft rows only (a sixth of SmolLM2's head), on the CPU
+            # through our few-row GEMM orientation (2x F.linear's one-row path there; the same call elsewhere).
+            scores = cpu_linear.linear(hidden_states, self._draft_rows())
             logits = scores.new_full((hidden_states.shape[0], self.config.vocab_size), float("-inf"))
             return logits.index_copy_(1, vocab, scores)
         # A vocabulary-parallel head: the full logits (gathered by vLLM), masked to the draft vocabulary.
