@@ -9,8 +9,10 @@ to one worker, so exactly one system runs at any moment, and rotates the systems
   ours_one_token    our runtime's plain decode (SpeculativeDecoder(model, None));
   ours_speculative  our runtime with the same drafter and its planned tree.
 Every system decodes the same token ids (the chat template applied once, here) greedily, stopping at EOS or
---max-new-tokens. `identical`: vLLM systems against vllm_plain's tokens (vLLM's own greedy), ours against HF
-`generate` (the check the demo makes); `agrees_with_hf_generate` says how far vLLM's plain decode matches HF's.
+--max-new-tokens. `identical`: vLLM's speculative systems against vllm_plain's tokens (vLLM's own greedy), the
+plain decodes and ours against HF `generate` (the check the demo makes); `agrees_with_hf_generate`: the share of
+decodes equal to HF's. vLLM runs with its CPU defaults (torch.compile) except prefix caching (off: our runtime has
+none, and later rounds would skip the prefill of prompts seen before) and detokenization (off: ours returns ids).
 Tokens/s of a round = tokens emitted / wall time over its conversations; figures quoted are medians over rounds of
 per-round values and ratios.
 
@@ -28,28 +30,10 @@ import subprocess
 import sys
 import time
 
+from sdalign_rt.vllm_plugin import engine
+
 SYSTEMS = ("vllm_plain", "vllm_ngram", "vllm_ours", "ours_one_token", "ours_speculative")
-VLLM_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the worker's own process: one process per system
-    "VLLM_USE_V2_MODEL_RUNNER": "0",        # the V1 runner hosts EAGLE drafters on CPU
-    "VLLM_CPU_KVCACHE_SPACE": "1",          # GiB; plenty for one conversation at a time
-    "VLLM_LOGGING_LEVEL": "WARNING",
-}
-
-
 # ---- workers ----------------------------------------------------------------------------------------------------
-
-def _spec_counters(llm) -> dict:
-    counts = {"drafts": 0, "draft_tokens": 0, "accepted": 0, "per_position": []}
-    names = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
-             "vllm:spec_decode_num_accepted_tokens": "accepted"}
-    for metric in llm.get_metrics():
-        if metric.name in names:
-            counts[names[metric.name]] = int(metric.value)
-        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
-            counts["per_position"] = [int(v) for v in metric.values]
-    return counts
-
 
 def _vllm_system(name: str, args):
     from vllm import LLM, SamplingParams
@@ -64,25 +48,23 @@ def _vllm_system(name: str, args):
 
         register()  # in-process too (the entry point does this where the package is installed)
         speculative = {"method": "eagle", "model": args.draft_dir, "num_speculative_tokens": args.ours_tokens}
+    # Prefix caching off: a later round would skip the prefill of a long prompt it saw before, which our runtime
+    # (no prefix cache) cannot. No detokenization: our runtime returns ids only.
     llm = LLM(model=args.checkpoint, dtype="float32", max_model_len=2048, seed=0, disable_log_stats=False,
-              enforce_eager=args.enforce_eager, speculative_config=speculative)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
+              enforce_eager=args.enforce_eager, enable_prefix_caching=False, speculative_config=speculative)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, detokenize=False)
 
     def run(ids: list) -> dict:
-        before = _spec_counters(llm) if speculative else None
+        before = engine.spec_counters(llm) if speculative else None
         start = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
         seconds = time.perf_counter() - start
         result = {"tokens": list(out[0].outputs[0].token_ids), "seconds": seconds}
         if speculative:
-            after = _spec_counters(llm)
-            per = [a - (before["per_position"][i] if i < len(before["per_position"]) else 0)
-                   for i, a in enumerate(after["per_position"])]
-            result["spec"] = {key: after[key] - before[key] for key in ("drafts", "draft_tokens", "accepted")}
-            result["spec"]["per_position"] = per
+            result["spec"] = engine.counters_since(before, engine.spec_counters(llm))
         return result
 
-    return run, None
+    return run, None, {"speculative_config": speculative}
 
 
 def _ours_system(name: str, args):
@@ -95,11 +77,13 @@ def _ours_system(name: str, args):
     model, tokenizer = experiment.load_model(args.checkpoint, "float32")
     if name == "ours_one_token":
         decoder = sd.SpeculativeDecoder(model, None)
+        info = {"threads": torch.get_num_threads()}
     else:
         config = experiment.DemoConfig(draft_layers=args.draft_layers)
         adapter = BottleneckAdapter.from_pretrained(args.adapter, dtype=model.dtype)
         tree, _ = experiment.planned_tree(model, tokenizer, adapter, args.draft_layers,
                                           experiment.smollm2.default_cache_dir(), config, progress=False)
+        info = {"tree": str(tree), "threads": torch.get_num_threads()}
         decoder = sd.SpeculativeDecoder(model, model, adapter=adapter, tree=tree, draft_layers=args.draft_layers)
 
     @torch.no_grad()
@@ -123,7 +107,7 @@ def _ours_system(name: str, args):
                              do_sample=False)
         return _new_tokens(out[0, prompt.shape[1]:].tolist(), decoder.eos_token_ids)
 
-    return run, reference
+    return run, reference, info
 
 
 def _new_tokens(tokens: list, eos: set) -> list:
@@ -136,14 +120,10 @@ def _new_tokens(tokens: list, eos: set) -> list:
 
 def worker(name: str, args) -> None:
     """Serve one system: a line of JSON in ({"ids": [...]} or {"reference": [...]}), a line of JSON out."""
-    # The protocol owns the original stdout; everything else written to fd 1 (vLLM's logs, C-level prints) goes
-    # to stderr, the log.
-    channel = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    channel = engine.private_stdout()  # the protocol's; vLLM's logs and prints go to stderr, the log
     start = time.perf_counter()
-    run, reference = (_vllm_system if name.startswith("vllm") else _ours_system)(name, args)
-    channel.write(json.dumps({"ready": True, "startup_s": time.perf_counter() - start}) + "\n")
+    run, reference, info = (_vllm_system if name.startswith("vllm") else _ours_system)(name, args)
+    channel.write(json.dumps({"ready": True, "startup_s": time.perf_counter() - start, "info": info}) + "\n")
     channel.flush()
     for line in sys.stdin:
         request = json.loads(line)
@@ -161,9 +141,9 @@ class Worker:
     def __init__(self, name: str, args, log):
         env = dict(os.environ)
         if name.startswith("vllm"):
-            env.update(VLLM_ENV)
-            # vLLM's CPU worker drops to one thread unless told; give it the cores our runtime uses.
-            env.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+            env.update(engine.IN_PROCESS_ENV)
+            # vLLM's CPU worker drops to one thread unless told; give it the threads torch gives our runtime.
+            env.setdefault("OMP_NUM_THREADS", str(args.threads))
         command = [sys.executable, os.path.abspath(__file__), "--worker", name] + _forwarded(args)
         self.name = name
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
@@ -187,7 +167,7 @@ class Worker:
 
 
 def _forwarded(args) -> list:
-    return ["--checkpoint", args.checkpoint, "--adapter", args.adapter, "--draft-dir", args.draft_dir,
+    return ["--threads", str(args.threads), "--checkpoint", args.checkpoint, "--adapter", args.adapter, "--draft-dir", args.draft_dir,
             "--draft-layers", str(args.draft_layers), "--max-new-tokens", str(args.max_new_tokens),
             "--ours-tokens", str(args.ours_tokens), "--ngram-tokens", str(args.ngram_tokens)] + (
         ["--enforce-eager"] if args.enforce_eager else [])
@@ -248,6 +228,7 @@ def drive(args) -> dict:
             for name in SYSTEMS:
                 runs[name].append(replies[name])
         startup = {name: w.ready["startup_s"] for name, w in workers.items()}
+        workers_info = {name: w.ready["info"] for name, w in workers.items()}
     finally:
         for w in workers.values():
             try:
@@ -262,7 +243,8 @@ def drive(args) -> dict:
     per_round = {name: [rate(r) for r in runs[name]] for name in SYSTEMS}
     systems = {}
     for name in SYSTEMS:
-        own = runs["vllm_plain"] if name.startswith("vllm") else None
+        # vLLM's speculative systems against vLLM's own greedy decode; the plain decodes against HF generate.
+        own = runs["vllm_plain"] if name in ("vllm_ngram", "vllm_ours") else None
         expected = [[r["tokens"] for r in rnd] for rnd in own] if own else [reference] * args.rounds
         same = [[a["tokens"] == b for a, b in zip(rnd, exp)] for rnd, exp in zip(runs[name], expected)]
         entry = {
@@ -273,6 +255,7 @@ def drive(args) -> dict:
             "over_vllm_plain": statistics.median(a / b for a, b in zip(per_round[name], per_round["vllm_plain"])),
             "identical": all(all(r) for r in same),
             "identical_reference": "vllm_plain" if own else "hf_generate",
+            "settings": workers_info[name],
             "agrees_with_hf_generate": sum(r["tokens"] == ref for rnd in runs[name] for r, ref in zip(rnd, reference))
             / (len(conversations) * args.rounds),
             "new_tokens": sum(len(r["tokens"]) for r in runs[name][0]),
@@ -295,6 +278,7 @@ def drive(args) -> dict:
                    "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "draft_layers": args.draft_layers,
                    "vllm_ours_num_speculative_tokens": args.ours_tokens,
                    "vllm_ngram_num_speculative_tokens": args.ngram_tokens, "enforce_eager": args.enforce_eager,
+                   "threads": args.threads, "vllm_prefix_caching": False,
                    "adapter": os.path.relpath(args.adapter) if args.adapter.startswith(os.getcwd()) else args.adapter},
         "environment": dict(experiment.environment(), vllm=vllm.__version__, torch=torch.__version__),
     }
@@ -330,7 +314,8 @@ def main(argv=None) -> int:
     parser.add_argument("--draft-layers", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=11, help="frozen evaluation conversations (kinds in turn)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (5: every system once in every position)")
+    parser.add_argument("--threads", type=int, default=None, help="vLLM's OMP_NUM_THREADS (default: torch's)")
     parser.add_argument("--ours-tokens", type=int, default=1,
                         help="vLLM's num_speculative_tokens with our drafter (our CPU plan drafts 1)")
     parser.add_argument("--ngram-tokens", type=int, default=3, help="vLLM's num_speculative_tokens for n-gram")
@@ -344,6 +329,10 @@ def main(argv=None) -> int:
     args.adapter = args.adapter or experiment.SHIPPED
     args.draft_dir = args.draft_dir or os.path.join(smollm2.default_cache_dir(),
                                                     f"vllm-drafter-k{args.draft_layers}")
+    if args.threads is None:
+        import torch
+
+        args.threads = torch.get_num_threads()
     if args.worker:
         worker(args.worker, args)
         return 0

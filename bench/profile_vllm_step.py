@@ -3,8 +3,9 @@
 Why vLLM with our drafter runs at vLLM-plain speed on the CPU although its drafts land as often as in our runtime:
 this splits the step into the target forward, the target's logits, the drafter (vLLM's `propose`: our draft
 forward, its logits, the proposer's bookkeeping), and the rest (scheduling, sampling, rejection). One engine per
-process (vLLM keeps process-wide state), the two run one after the other; absolute times are this machine's, the
-split is what to read.
+process (vLLM keeps process-wide state), the two run one after the other; absolute times are this machine's (and
+cProfile's, which slows Python a little), the split is what to read. Per-step figures average over every engine
+step, the conversations' prefill steps included. The embedded default only (SmolLM2, the shipped adapter, k = 2).
 
     .venv-vllm/bin/python bench/profile_vllm_step.py --json bench/results/vllm_step_profile_cpu.json
 """
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from sdalign_rt.vllm_plugin import engine
+
 PARTS = {  # (file suffix, function name) -> part of the step
     ("v1/engine/llm_engine.py", "step"): "step",
     ("model_executor/models/llama.py", "forward"): "target_forward",
@@ -30,9 +33,9 @@ PARTS = {  # (file suffix, function name) -> part of the step
 
 
 def profile(system: str, args) -> dict:
-    os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V2_MODEL_RUNNER": "0",
-                       "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"})
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    import torch
+
+    engine.configure(threads=torch.get_num_threads())
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -44,11 +47,11 @@ def profile(system: str, args) -> dict:
     speculative = None if system == "plain" else {"method": "eagle", "model": args.draft_dir,
                                                    "num_speculative_tokens": 1}
     llm = LLM(model=args.checkpoint, dtype="float32", max_model_len=2048, seed=0, disable_log_stats=False,
-              speculative_config=speculative)
+              enable_prefix_caching=False, speculative_config=speculative)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     prompts = [TokensPrompt(prompt_token_ids=experiment.chat_ids(tokenizer, e["messages"])[0].tolist())
                for e in experiment.eval_conversations(args.prompts)]
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, detokenize=False)
     llm.generate(prompts[:1], params, use_tqdm=False)  # warm
     profiler, tokens = cProfile.Profile(), 0
     start = time.perf_counter()
@@ -87,7 +90,9 @@ def main(argv=None) -> int:
     args.checkpoint = smollm2.checkpoint()
     args.draft_dir = os.path.join(smollm2.default_cache_dir(), "vllm-drafter-k2")
     if args.system:
-        print(json.dumps(profile(args.system, args)))
+        channel = engine.private_stdout()
+        channel.write(json.dumps(profile(args.system, args)) + "\n")
+        channel.flush()
         return 0
     export_drafter(args.checkpoint, experiment.SHIPPED, 2, args.draft_dir)
     result = {"what": __doc__.split("\n")[0], "command": "python bench/profile_vllm_step.py " + " ".join(sys.argv[1:]),

@@ -128,6 +128,11 @@ class BottleneckAdapter(nn.Module):
             return self._forward_autograd(hidden, context)
         return ops.fused_adapter(hidden, self.down.weight, self.down.bias, self.up.weight, self.up.bias)
 
+    def forward_torch(self, hidden: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """forward in plain torch ops, without the fused op and without input checks: what a tracing compiler
+        sees (vLLM compiles the draft model that calls this; sdalign_rt/vllm_plugin/draft_model.py)."""
+        return self._forward_autograd(self.normalize_input(hidden), context)
+
     def _forward_autograd(self, hidden: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         compute = self.down.weight.dtype
         pre = self.down(hidden.to(compute))

@@ -337,6 +337,9 @@ def _make_train_set(args) -> int:
 def _export_vllm_drafter(args) -> int:
     from sdalign_rt.vllm_plugin.export import export_drafter
 
+    if args.target is not None and args.adapter is None:
+        raise SystemExit("sdalign-rt export-vllm-drafter: --target needs --adapter (the shipped adapter is the "
+                         "embedded SmolLM2's)")
     if args.target is None or args.adapter is None:
         # The embedded default: SmolLM2 and the adapter shipped for it (trained for its first 2 layers).
         from sdalign_rt.demo import experiment, smollm2

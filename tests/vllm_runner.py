@@ -6,19 +6,16 @@ request: {"model": dir, "draft": dir or null, "num_speculative_tokens": n, "prom
           "max_new_tokens": n, "tokenizer": bool}
 """
 import json
-import os
 import sys
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from sdalign_rt.vllm_plugin import engine
+
+engine.configure()
 
 
 def main() -> None:
     request = json.loads(sys.stdin.read())
-    protocol = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # vLLM's own prints go to stderr
+    protocol = engine.private_stdout()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -33,12 +30,8 @@ def main() -> None:
                             ignore_eos=request.get("ignore_eos", False))
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]], params,
                            use_tqdm=False)
-    counters = {}
-    for metric in llm.get_metrics():
-        if metric.name.startswith("vllm:spec_decode"):
-            counters[metric.name] = list(metric.values) if hasattr(metric, "values") else metric.value
     protocol.write(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outputs],
-                               "spec": counters}) + "\n")
+                               "spec": engine.spec_counters(llm)}) + "\n")
     protocol.flush()
 
 

@@ -18,21 +18,23 @@ else). The drafts lose that token's attention mass; acceptance is measured, not 
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
+                                                                 VocabParallelEmbedding)
 from vllm.model_executor.models.llama import LlamaModel as _TargetLlamaModel
 from vllm.model_executor.models.llama_eagle import LlamaDecoderLayer
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
 from sdalign_rt import cpu_linear
+from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.vllm_plugin import ARCHITECTURE
 
 
@@ -44,32 +46,25 @@ def _settings(config) -> dict:
     return settings
 
 
-class _Adapter(nn.Module):
-    """BottleneckAdapter's inference math (sdalign_rt/adapter.py): RMS input norm, down(x) + context(c), GELU
-    (erf), up, residual over the normalised input."""
+def _check_target(settings: dict, config, target_config, target_layers: int) -> None:
+    """The folder was exported from a verifier of this shape (its layers were copied from one): refuse another."""
+    expected = {"decoder layers": (settings.get("target_num_hidden_layers"), target_layers),
+                "hidden size": (config.hidden_size, getattr(target_config, "hidden_size", None)),
+                "vocabulary": (config.vocab_size, getattr(target_config, "vocab_size", None))}
+    wrong = {name: pair for name, pair in expected.items() if pair[0] != pair[1]}
+    if wrong:
+        raise ValueError("this drafter was exported from another verifier: " + ", ".join(
+            f"{name} {draft} in the draft folder, {target} in the target" for name, (draft, target) in wrong.items())
+            + " (export it from this target: sdalign-rt export-vllm-drafter --target ...)")
 
-    def __init__(self, hidden: int, settings: dict):
-        super().__init__()
-        bottleneck = settings["bottleneck"]
-        self.eps = float(settings.get("norm_eps", 1e-5))
-        self.norm = nn.Parameter(torch.ones(hidden), requires_grad=False) if settings.get("input_norm") else None
-        self.down = nn.Linear(hidden, bottleneck)
-        self.up = nn.Linear(bottleneck, hidden)
-        self.context = nn.Linear(hidden, bottleneck, bias=False) if settings.get("context_size") else None
-        for module in (self.down, self.up, self.context):
-            if module is not None:
-                module.requires_grad_(False)
-        vocab = settings.get("draft_vocab_size")
-        self.register_buffer("draft_vocab", None if not vocab else torch.zeros(vocab, dtype=torch.long))
 
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.norm is not None:
-            x = hidden.float()
-            hidden = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm.float()).to(hidden.dtype)
-        pre = self.down(hidden)
-        if self.context is not None:
-            pre = pre + self.context(context.to(hidden.dtype))
-        return hidden + self.up(F.gelu(pre))
+def _adapter(hidden: int, settings: dict) -> BottleneckAdapter:
+    """The BottleneckAdapter the folder holds, built empty (its weights and draft vocabulary are loaded)."""
+    vocab = settings.get("draft_vocab_size")
+    return BottleneckAdapter(hidden, settings["bottleneck"], input_norm=bool(settings.get("input_norm")),
+                             norm_eps=float(settings.get("norm_eps", 1e-5)),
+                             draft_vocab=torch.arange(vocab) if vocab else None,  # placeholder ids, overwritten
+                             context_size=settings.get("context_size")).requires_grad_(False)
 
 
 # Dimension 0 (tokens) varies; given explicitly (string annotations hide the types from vLLM's inference).
@@ -89,7 +84,8 @@ class _DraftModel(nn.Module):
             LlamaDecoderLayer(vllm_config, False, prefix=maybe_prefix(prefix, f"layers.{i + start_layer_id}"),
                               config=config)
             for i in range(config.num_hidden_layers)])
-        self.adapter = _Adapter(config.hidden_size, _settings(config))
+        self.adapter = _adapter(config.hidden_size, _settings(config))
+        self.reads_context = self.adapter.context_size is not None
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -98,14 +94,15 @@ class _DraftModel(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
-        # hidden + residual: the raw residual stream after layer k, what the adapter was trained on.
-        return self.adapter(hidden + residual, hidden_states)
+        # hidden + residual: the raw residual stream after layer k, what the adapter was trained on; the adapter's
+        # own math in plain torch ops (BottleneckAdapter.forward_torch), so that torch.compile traces it.
+        context = hidden_states if self.reads_context else None
+        return self.adapter.forward_torch(hidden + residual, context)
 
 
 class EagleBottleneckLlamaForCausalLM(nn.Module):
     """The drafter: verifier's first k layers -> BottleneckAdapter(., verifier's previous state) -> verifier's head."""
 
-    supports_eagle = True  # vLLM's EAGLE weight bookkeeping (process_eagle_weight) applies to this class
     # No embeddings or LM head of our own: vLLM's proposer then shares the target's (they are the verifier's).
     has_own_embed_tokens = False
     has_own_lm_head = False
@@ -119,15 +116,20 @@ class EagleBottleneckLlamaForCausalLM(nn.Module):
                                       "is supported): vLLM does not share embeddings with drafts across stages")
         config = vllm_config.speculative_config.draft_model_config.hf_config
         self.config = config
-        self.settings = _settings(config)
         target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        _check_target(_settings(config), config, vllm_config.model_config.hf_config,
+                      vllm_config.model_config.get_total_num_hidden_layers())
         # LlamaAttention reads layer_types[layer index - target_layer_count] for draft layers.
         config.target_layer_count = target_layers
         self.model = _DraftModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
                                  start_layer_id=target_layers)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
-        self._head_rows = None  # (the LM head weight they were gathered from, its draft-vocabulary rows)
+        # The placeholders vLLM must replace by the target's (weak references: once replaced they are freed);
+        # compute_logits refuses to score with them.
+        self._placeholders = (weakref.ref(self.lm_head), weakref.ref(self.model.embed_tokens))
+        self._head_rows = None  # ((weight, its data pointer, its version), the draft vocabulary's rows)
+        self._keep = None  # the draft vocabulary as a mask over the full vocabulary (tensor-parallel heads)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -140,34 +142,47 @@ class EagleBottleneckLlamaForCausalLM(nn.Module):
         return states, states
 
     def _draft_rows(self) -> torch.Tensor:
-        # vLLM swaps in the target's LM head after load_weights: gather its draft rows on first use, again if
-        # the head is ever replaced.
+        # vLLM swaps in the target's LM head after load_weights: gather its draft rows on first use, and again if
+        # the head is replaced or its weights are updated in place (a weight reload).
         weight = self.lm_head.weight
-        if self._head_rows is None or self._head_rows[0] is not weight:
-            self._head_rows = (weight, weight[self.model.adapter.draft_vocab].contiguous())
+        key = (weight, weight.data_ptr(), weight._version)
+        if self._head_rows is None or any(a is not b and a != b for a, b in zip(self._head_rows[0], key)):
+            self._head_rows = (key, weight[self.model.adapter.draft_vocab].contiguous())
         return self._head_rows[1]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._placeholders[0]() is self.lm_head or self._placeholders[1]() is self.model.embed_tokens:
+            raise RuntimeError(f"vLLM did not share the target's embeddings and LM head with {ARCHITECTURE} "
+                               "(its placeholders would score the drafts); this vLLM version is not supported")
         vocab = self.model.adapter.draft_vocab
         if vocab is None:
             return self.logits_processor(self.lm_head, hidden_states)
-        if get_tensor_model_parallel_world_size() == 1:
+        plain_head = (isinstance(getattr(self.lm_head, "quant_method", None), UnquantizedEmbeddingMethod)
+                      and getattr(self.config, "logit_scale", 1.0) == 1.0
+                      and not getattr(self.config, "final_logit_softcapping", None))
+        if get_tensor_model_parallel_world_size() == 1 and plain_head:
             # One rank holds the whole head: score the draft rows only (a sixth of SmolLM2's head), on the CPU
             # through our few-row GEMM orientation (2x F.linear's one-row path there; the same call elsewhere).
-            scores = cpu_linear.linear(hidden_states, self._draft_rows())
+            scores = cpu_linear.linear(hidden_states.to(self.lm_head.weight.dtype), self._draft_rows())
             logits = scores.new_full((hidden_states.shape[0], self.config.vocab_size), float("-inf"))
             return logits.index_copy_(1, vocab, scores)
-        # A vocabulary-parallel head: the full logits (gathered by vLLM), masked to the draft vocabulary.
+        # A vocabulary-parallel or quantized head: vLLM's own full logits, masked to the draft vocabulary.
         logits = self.logits_processor(self.lm_head, hidden_states)
         if logits is None:
             return None
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        keep[vocab] = True
-        return logits.masked_fill(~keep, float("-inf"))
+        if self._keep is None or self._keep.shape[0] != logits.shape[-1] or self._keep.device != logits.device:
+            keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            keep[vocab.to(logits.device)] = True
+            self._keep = keep
+        return logits.masked_fill(~self._keep, float("-inf"))
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # The checkpoint holds the k layers (HF names) and the adapter (adapter.*, kept inside the compiled module).
         renamed = ((f"model.{name}" if name.startswith("adapter.") else name, w) for name, w in weights)
-        AutoWeightsLoader(self).load_weights(renamed, mapper=_TargetLlamaModel.hf_to_vllm_mapper)
-        # None, not the loaded names: embed_tokens and lm_head are the target's, shared after loading.
-        return None
+        loaded = set(AutoWeightsLoader(self).load_weights(renamed, mapper=_TargetLlamaModel.hf_to_vllm_mapper))
+        if self.model.adapter.draft_vocab is not None and "model.adapter.draft_vocab" not in loaded:
+            raise ValueError("the draft folder's config names a draft vocabulary but model.safetensors has no "
+                             "adapter.draft_vocab: re-export it (sdalign-rt export-vllm-drafter)")
+        # Reported as loaded so that vLLM's check (every parameter came from the checkpoint) covers the rest: the
+        # embeddings and the head are the target's, shared after loading (compute_logits checks they were).
+        return loaded | {"model.embed_tokens.weight", "lm_head.weight"}

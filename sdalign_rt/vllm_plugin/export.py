@@ -70,6 +70,17 @@ def _first_layers(target_dir: str, k: int) -> dict:
     return out
 
 
+def _check_out_dir(out_dir: str) -> None:
+    """Write into a new or empty folder, or over a previous export: never beside other files (vLLM would read
+    a stale shard index or weights as part of the drafter)."""
+    if not os.path.isdir(out_dir):
+        return
+    others = sorted(set(os.listdir(out_dir)) - {"config.json", WEIGHTS_NAME})
+    if others:
+        raise ValueError(f"the output folder {out_dir!r} holds other files ({', '.join(others[:5])}): export into "
+                         "a new or empty folder")
+
+
 def drafter_config(target: dict, adapter_config: dict, draft_layers: int, dtype: str | None = None) -> dict:
     """The draft folder's config.json: the verifier's, cut to k layers, naming the plugin's architecture."""
     model_type = target.get("model_type")
@@ -77,6 +88,9 @@ def drafter_config(target: dict, adapter_config: dict, draft_layers: int, dtype:
         raise ValueError(f"vLLM export supports verifiers of model_type {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
                          "(its first layers must run as vLLM's LlamaDecoderLayer)")
     layers = target.get("num_hidden_layers")
+    if not isinstance(layers, int) or "hidden_size" not in target:
+        raise ValueError("the verifier's config.json has no num_hidden_layers / hidden_size (a Llama-family "
+                         "causal LM config is expected)")
     if not isinstance(draft_layers, int) or isinstance(draft_layers, bool) or not 1 <= draft_layers <= layers:
         raise ValueError(f"draft_layers must be an int in [1, {layers}] (the verifier's decoder layers), "
                          f"got {draft_layers!r}")
@@ -132,6 +146,7 @@ def export_drafter(target_dir: str, adapter_dir: str, draft_layers: int, out_dir
     weights = {name: convert(t) for name, t in _first_layers(target_dir, draft_layers).items()}
     for name, tensor in adapter.state_dict().items():
         weights[f"adapter.{name}"] = convert(tensor)
+    _check_out_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
