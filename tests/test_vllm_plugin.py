@@ -196,6 +196,26 @@ def test_draft_model_refuses_a_folder_from_another_verifier():
 
 
 @needs_vllm
+def test_draft_rows_follow_the_head_they_were_gathered_from():
+    """The gathered draft-vocabulary rows are rebuilt when vLLM swaps in another head or updates it in place."""
+    from types import SimpleNamespace
+
+    from sdalign_rt.vllm_plugin.draft_model import EagleBottleneckLlamaForCausalLM
+
+    ids = torch.tensor([3, 0, 7])
+    draft = SimpleNamespace(lm_head=SimpleNamespace(weight=torch.randn(10, 4)), _head_rows=None,
+                            model=SimpleNamespace(adapter=SimpleNamespace(draft_vocab=ids)))
+    rows = EagleBottleneckLlamaForCausalLM._draft_rows
+    assert torch.equal(rows(draft), draft.lm_head.weight[ids])
+    assert rows(draft) is rows(draft)  # gathered once
+    draft.lm_head.weight = torch.randn(10, 4)  # a replaced head
+    assert torch.equal(rows(draft), draft.lm_head.weight[ids])
+    with torch.no_grad():
+        draft.lm_head.weight.mul_(2)  # a weight reload in place
+    assert torch.equal(rows(draft), draft.lm_head.weight[ids])
+
+
+@needs_vllm
 def test_vllm_with_our_drafter_is_lossless_on_a_tiny_llama(tmp_path):
     """vLLM builds, loads and runs the drafter at depth 3 (the output is vLLM's property; the shipped-adapter test
     below checks that the drafts are ours)."""

@@ -128,7 +128,7 @@ class EagleBottleneckLlamaForCausalLM(nn.Module):
         # The placeholders vLLM must replace by the target's (weak references: once replaced they are freed);
         # compute_logits refuses to score with them.
         self._placeholders = (weakref.ref(self.lm_head), weakref.ref(self.model.embed_tokens))
-        self._head_rows = None  # ((weight, its data pointer, its version), the draft vocabulary's rows)
+        self._head_rows = None  # (the head weight, (its data pointer, its version), the draft vocabulary's rows)
         self._keep = None  # the draft vocabulary as a mask over the full vocabulary (tensor-parallel heads)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -145,10 +145,11 @@ class EagleBottleneckLlamaForCausalLM(nn.Module):
         # vLLM swaps in the target's LM head after load_weights: gather its draft rows on first use, and again if
         # the head is replaced or its weights are updated in place (a weight reload).
         weight = self.lm_head.weight
-        key = (weight, weight.data_ptr(), weight._version)
-        if self._head_rows is None or any(a is not b and a != b for a, b in zip(self._head_rows[0], key)):
-            self._head_rows = (key, weight[self.model.adapter.draft_vocab].contiguous())
-        return self._head_rows[1]
+        storage = (weight.data_ptr(), weight._version)
+        cached = self._head_rows
+        if cached is None or cached[0] is not weight or cached[1] != storage:
+            self._head_rows = (weight, storage, weight[self.model.adapter.draft_vocab].contiguous())
+        return self._head_rows[2]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self._placeholders[0]() is self.lm_head or self._placeholders[1]() is self.model.embed_tokens:
