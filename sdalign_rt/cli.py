@@ -374,7 +374,8 @@ def _export_vllm_drafter(args) -> int:
 # decoding with the same shallow drafter and no adapter, not a tuned early-exit model).
 DEMO_LABELS = {"hf_generate": "HF generate (greedy)", "hf_prompt_lookup": "HF prompt lookup",
                "hf_early_exit": "HF assisted, early exit (untrained for it)", "ours_one_token": "ours, one token/step",
-               "ours_speculative": "ours, speculative"}
+               "ours_prompt_lookup": "ours, prompt lookup alone (lookup:3)",
+               "ours_adapter_only": "ours, speculative, adapter drafts only", "ours_speculative": "ours, speculative"}
 
 
 def _demo_table(result: dict) -> str:
@@ -439,6 +440,9 @@ def _add_demo_flags(command, defaults) -> None:
     command.add_argument("--rounds", type=int, default=None,
                          help=f"interleaved repetitions (default {defaults.rounds})")
     command.add_argument("--epochs", type=int, default=None, help=f"adapter training epochs (default {defaults.epochs})")
+    command.add_argument("--lookup-top", type=int, default=None,
+                         help=f"the tree's top path takes this many tokens from the context lookup where the text's "
+                         f"last tokens occurred before (default {defaults.lookup_top}; 0: the adapter's drafts only)")
     command.add_argument("--cache-dir", default=None, help="where the checkpoint, distilled rows and adapters are "
                          "kept (default $SDALIGN_RT_CACHE or ~/.cache/sdalign_rt)")
 

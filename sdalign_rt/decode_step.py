@@ -21,7 +21,8 @@ Buffers (allocated in __init__, written in place by every step; B rows, N tree n
               path tokens [depth + 1], path ranks [depth + 1], bonus
     host      readback's pinned host copy (a plain CPU tensor when the step runs on the CPU)
 
-and the drafter's (previous token, whether it is cached) when it keeps its own cache.
+and the drafter's (previous token, whether it is cached) when it keeps its own cache, and, for a tree with a
+context-lookup chain, the rows' texts (sdalign_rt/lookup.py: set at prefill, extended by every commit).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import torch
 
 from sdalign_rt import ops
 from sdalign_rt.drafter import Draft, Drafter
+from sdalign_rt.lookup import ContextLookup
 from sdalign_rt.sampling import warped_probs
 from sdalign_rt.tree_plan import TreePlan
 from sdalign_rt.trees import TreeSpec
@@ -116,6 +118,10 @@ class DecodeStep:
         self.host = torch.zeros(self.readback.shape, dtype=torch.long, pin_memory=cuda) if cuda else self.readback
         self._copied = torch.cuda.Event() if cuda else None
         self.drafter_state = drafter.new_state(workspace.drafter, self.context)
+        if tree.lookup or tree.lookup_top:  # the texts the lookup reads: as long as the verifier's cache can grow
+            self.drafter_state.lookup = ContextLookup(batch, cache.capacity, max(tree.lookup, tree.lookup_top),
+                                                      device)
+        self._path_columns = torch.arange(tree.depth + 1, device=device)
         drafter.prepare(self.drafter_state)
         # One graph records one device's stream: a model spread over GPUs (or a drafter on another GPU) steps eagerly.
         devices = {buffer.device for runner in (verifier, workspace.drafter) if runner is not None
@@ -143,6 +149,8 @@ class DecodeStep:
         root = self.sampling.first_token(logits, generator)
         self.roots.copy_(root)
         self.live.fill_(1)
+        if self.drafter_state.lookup is not None:
+            self.drafter_state.lookup.start(input_ids, attention_mask, root)
         nonfinite = _nonfinite(logits[:, None], logits.argmax(-1)[:, None])
         return torch.stack([root, nonfinite.long()], dim=1).tolist()
 
@@ -229,6 +237,12 @@ class DecodeStep:
         # ranks for acceptance by (depth, rank)
         readback[:, 3 + width:3 + 2 * width] = draft.ranks.expand(draft.tokens.shape).gather(1, path)
         readback[:, -1] = outcome.bonus
+        lookup = self.drafter_state.lookup
+        if lookup is not None:  # the emitted tokens (accepted drafts, then the bonus) extend the rows' texts
+            emitted = torch.cat([readback[:, 4:3 + width], outcome.bonus[:, None]], dim=1)
+            emitted = torch.where(self._path_columns[None] == (outcome.accept_len - 1)[:, None],
+                                  outcome.bonus[:, None], emitted)
+            lookup.append(emitted, grow)
         self.roots.copy_(outcome.bonus)  # last: the draft's root column may be a view of the roots
 
     @torch.no_grad()
@@ -293,8 +307,9 @@ class DecodeStep:
             caches.append(self.workspace.drafter.cache)
         tensors = [t for cache in caches for t in (cache.lengths, cache.starts, cache.bias)]
         state = self.drafter_state
+        lookup = [] if state.lookup is None else state.lookup.buffers
         return tensors + [self.roots, self.live, self.context, self.uniforms, self.readback, state.previous,
-                          state.previous_cached]
+                          state.previous_cached] + lookup
 
     def snapshot(self) -> Callable[[], None]:
         """Save state_tensors() now; the returned function puts them back (undoing the steps run in between)."""

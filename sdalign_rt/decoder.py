@@ -32,7 +32,7 @@ from sdalign_rt.model_runner import learned_position_limit, text_config, uses_le
 from sdalign_rt.sampling import check_sampling_args
 from sdalign_rt.shallow import check_draft_layers
 from sdalign_rt.tree_plan import TreePlan
-from sdalign_rt.trees import TreeSpec
+from sdalign_rt.trees import LOOKUP_RANK, TreeSpec
 from sdalign_rt.vocab import VocabMap
 from sdalign_rt.workspace import Workspace, WorkspacePool
 
@@ -63,7 +63,9 @@ class SpeculativeDecoder:
     mode : "greedy" (lossless), "sample" (lossless in distribution) or "feature" (relaxed, lossy: a node is
         accepted when its parent's adapted drafter state has cosine >= feature_threshold with the verifier's
         state there and it is the drafter's top-ranked child).
-    tree : TreeSpec (default chain(4)): chain, static choices or dynamic (EAGLE-2).
+    tree : TreeSpec (default chain(4)): chain, static choices or dynamic (EAGLE-2); a static tree may carry a
+        context-lookup chain (tree.with_lookup(M): M tokens copied from the text, prompt lookup decoding), also with
+        draft=None (TreeSpec.root_only().with_lookup(M)).
     draft_layers : int, optional. Draft from the drafter's first k decoder layers only.
     vocab_map : VocabMap, optional. For pairs whose vocabularies differ (plain drafting).
     lean : None (default) runs LLaMA-family models through the runtime's lean forward and others through
@@ -95,16 +97,26 @@ class SpeculativeDecoder:
                  reuse_layers: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if tree is not None and not isinstance(tree, TreeSpec):
+            raise ValueError(f"tree must be a TreeSpec, got {type(tree).__name__}")
         if draft is None:  # plain one-token decoding through the same runtime: the baseline of the lean step
-            if tree is not None or adapter is not None or draft_layers is not None or vocab_map is not None:
-                raise ValueError("draft=None decodes one token per step: it takes no tree, adapter, draft_layers "
-                                 "or vocab_map")
+            if (tree is not None and tree.kind != "root") or adapter is not None or draft_layers is not None \
+                    or vocab_map is not None:
+                raise ValueError("draft=None decodes one token per step (or the root and a context-lookup chain, "
+                                 "tree=TreeSpec.root_only().with_lookup(M)): it takes no drafted tree, adapter, "
+                                 "draft_layers or vocab_map")
             if mode == "feature":
                 raise ValueError("feature mode compares the drafter's states with the verifier's: it needs a drafter")
-            tree = TreeSpec.root_only()
+            tree = tree if tree is not None else TreeSpec.root_only()
         tree = tree if tree is not None else TreeSpec.chain(4)
-        if not isinstance(tree, TreeSpec):
-            raise ValueError(f"tree must be a TreeSpec, got {type(tree).__name__}")
+        if tree.lookup or tree.lookup_top:
+            if mode == "feature":
+                raise ValueError("feature mode accepts drafts by the drafter's states, which context-lookup nodes do "
+                                 "not have: use greedy or sample mode with a lookup tree")
+            if tree.lookup and draft is not None and not (draft is target and draft_layers is not None and vocab_map is None):
+                raise ValueError("a context-lookup chain needs a drafter without a cache of its own (the verifier's "
+                                 "first layers, draft_layers=k, or draft=None): a drafter with its own cache would "
+                                 "miss the K/V of accepted lookup tokens")
         self.target, self.draft, self.adapter, self.mode, self.tree = target, draft, adapter, Mode(mode), tree
         self.vocab_map = vocab_map
         self.feature_threshold = checks.threshold(feature_threshold)
@@ -440,7 +452,9 @@ class _Stats:
             "acceptance_rate": self.accepted / (rows * max(self.depth, 1)),  # alpha per draft depth on the path
             "per_position_acceptance": [c / rows for c in self.per_position],
             # accepted drafts at depth d + 1 by their rank among the drafter's candidates (0: its top token)
-            "accepted_by_depth_rank": [{str(r): c for r, c in sorted(d.items())} for d in self.by_depth_rank],
+            # ("lookup": context-lookup nodes)
+            "accepted_by_depth_rank": [{("lookup" if r == LOOKUP_RANK else str(r)): c for r, c in sorted(d.items())}
+                                       for d in self.by_depth_rank],
             # feature mode: accepted drafts that differ from the verifier's own argmax (the price of relaxing)
             "feature_mismatches": self.feature_mismatches,
             "timings": timings,

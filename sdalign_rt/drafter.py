@@ -11,6 +11,10 @@ frontier nodes per level and keep the best `total_tokens` candidates by cumulati
 forward has a fixed width. A context adapter reads the verifier's state at the last accepted node for the
 root, and each node's parent's adapted state (its prediction of that state) below it.
 
+Context lookup (TreeSpec.lookup / lookup_top, sdalign_rt/lookup.py): tokens copied from what followed an earlier
+occurrence of the text's last tokens, as a chain of extra nodes the drafter never runs, or in place of the
+drafter's top path (before the drafter runs those nodes, so their states and children are the proposals').
+
 Cache. The drafter's tree region starts at its committed length: static node i sits at offset i, a dynamic
 frontier node at 1 + (level - 1) * top_k + j. After verification `accept` moves the accepted nodes' K/V
 down (kv_compact) so the next step reads nothing twice. Only the deepest accepted node can lack K/V (leaves
@@ -30,8 +34,14 @@ from sdalign_rt.adapter import BottleneckAdapter
 from sdalign_rt.model_runner import ModelRunner
 from sdalign_rt.shallow import final_norm
 from sdalign_rt.kv_cache import additive
+from sdalign_rt.lookup import ContextLookup
 from sdalign_rt.tree_plan import TreePlan
-from sdalign_rt.trees import TreeSpec, ancestor_closure, select_dynamic_tree
+from sdalign_rt.trees import LOOKUP_RANK, TreeSpec, ancestor_closure, select_dynamic_tree
+
+# The top path takes the lookup's proposals only where the text's last tokens matched at least this long: a
+# one-token match is right less often than the drafter (0.44 against 0.48 first drafts with 2, offline on the
+# frozen evaluation set; bench/results/lookup_cpu.json).
+LOOKUP_TOP_MIN_MATCH = 2
 from sdalign_rt.vocab import VocabMap
 
 
@@ -56,6 +66,7 @@ class DrafterState:
     previous: torch.Tensor  # [B] int64 drafter id of the last accepted token (own cache only)
     previous_cached: torch.Tensor  # [B] bool: its K/V are already in the drafter's cache
     context: torch.Tensor  # [B, D_verifier] the verifier's state before the root (context adapters)
+    lookup: ContextLookup | None = None  # the rows' texts, for a tree with a context-lookup chain
 
 
 class Drafter:
@@ -187,8 +198,9 @@ class Drafter:
 
     def draft(self, state: DrafterState, root: torch.Tensor, plan: TreePlan | None) -> Draft:
         """This step's tree for roots [B] (verifier ids)."""
-        if self.model is None:  # plain decoding: the root alone
-            return Draft(root[:, None], plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets)
+        if self.model is None:  # plain decoding: the root alone, or the root and the context lookup's chain
+            tokens = root[:, None] if state.lookup is None else torch.cat([root[:, None], state.lookup.propose()[0]], 1)
+            return Draft(tokens, plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets)
         root_hidden = self.root_forward(state, root)
         root_states = self.states(root_hidden, state.context)
         if self.tree.is_static:
@@ -255,14 +267,27 @@ class Drafter:
         if self.keep_layer_states:
             layer_states = root_hidden.new_zeros(batch, plan.nodes, root_hidden.shape[-1])
             layer_states[:, 0] = root_hidden
+        ranks, proposals, found = plan.ranks, None, None
+        if state.lookup is not None:  # the context-lookup chain (no drafter forward) and the top path's lookup
+            proposals, matched = state.lookup.propose()
+            first, end = plan.lookup
+            tokens[:, first:end] = proposals[:, : end - first]
+            if self.tree.lookup_top:
+                found = matched >= LOOKUP_TOP_MIN_MATCH
+                ranks = plan.ranks.expand(batch, -1).clone()
         level_states = root_states[:, None]  # [B, w, D] of the previous level's expanded nodes
-        level_scores = self.scores(level_states)
-        for depth in range(1, plan.depth + 1):
+        level_scores = self.scores(level_states) if plan.draft_depth else None
+        for depth in range(1, plan.draft_depth + 1):
             start, end = plan.levels[depth]
             top = level_scores.topk(plan.children_needed[depth], dim=-1).indices  # [B, w, k]
             picked = top[:, plan.parent_in_level[depth], plan.ranks[0, start:end]]  # [B, n_d]
             tokens[:, start:end] = self.token_ids(picked)
-            if depth == plan.depth:
+            if depth <= self.tree.lookup_top and found is not None:
+                # The top path's node at this depth (the level's first: choices sort (0,) * depth first) takes the
+                # lookup's proposal before the drafter runs it, so its states are the proposal's.
+                tokens[:, start] = torch.where(found, proposals[:, depth - 1], tokens[:, start])
+                ranks[:, start] = torch.where(found, LOOKUP_RANK, ranks[:, start])
+            if depth == plan.draft_depth:
                 break
             run = plan.expanded[depth]  # the level's nodes with children; the others are leaves
             hidden = self.level_forward(state, tokens[:, run], depth, run[None], plan.block[:, run, :end])
@@ -274,7 +299,7 @@ class Drafter:
             level_scores = self.scores(level_states)
             if node_states is not None:
                 node_states[:, run] = level_states
-        return Draft(tokens, plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets, node_states,
+        return Draft(tokens, plan.parents, plan.block, plan.depths, ranks, plan.drafter_offsets, node_states,
                      layer_states)
 
     def _draft_dynamic(self, state, root, root_states) -> Draft:

@@ -279,3 +279,19 @@ def tree_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, st
     scores = (q.float() @ k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     return (scores.softmax(-1) @ v).to(q.dtype)
+
+
+def lookup_proposals(text: list, proposals: int, max_ngram: int = 3, min_ngram: int = 1) -> tuple[list, int]:
+    """Prompt lookup on one text (plain Python; sdalign_rt/lookup.py is the batched device version): for n from
+    max_ngram down to min_ngram, the latest earlier occurrence of the text's last n tokens that has a token after
+    it; returns (the `proposals` tokens that followed it, n), padded with the text's last token where the text ends
+    first; (the last token repeated, 0) when nothing matches."""
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if len(text) <= n:
+            continue
+        suffix = text[-n:]
+        for start in range(len(text) - n - 1, -1, -1):
+            if text[start:start + n] == suffix:
+                after = text[start + n: start + n + proposals]
+                return after + [text[-1]] * (proposals - len(after)), n
+    return [text[-1]] * proposals, 0

@@ -12,6 +12,10 @@ depth or reads a node count back to the host. Worked example, choices [(0,), (1,
     block     row 3 sees nodes 0, 1, 3             (additive: 0 there, dtype min elsewhere)
     drafted   offsets [0, 1, -1, -1]                (node 1 at offset 1 of the drafter's tree region; leaves: -1)
     leaves    [2, 3]                                (never run by the drafter: layer reuse runs their first layers)
+
+A context-lookup chain (TreeSpec.with_lookup) follows the drafter's nodes: its nodes are leaves to the drafter
+(never run, offset -1, layer reuse runs their first layers), `lookup` is their (first, end), and `levels`,
+`expanded` and `parent_in_level` describe the drafter's nodes alone (their depth is `draft_depth`).
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ class TreePlan:
     drafter_offsets: torch.Tensor  # [1, N]: where the drafter's tree region holds node i (-1: never run)
     leaves: torch.Tensor  # [n_leaves] the nodes the drafter never runs (no children); layer reuse runs only these
     leaf_block: torch.Tensor  # [1, n_leaves, N] their rows of `block`
+    draft_depth: int = 0  # the drafter's levels (depth counts the lookup chain too)
+    lookup: tuple = (0, 0)  # (first, end) of the context-lookup nodes, host ints
 
     @classmethod
     def build(cls, spec: TreeSpec, device, dtype: torch.dtype, batch: int = 1) -> "TreePlan":
@@ -49,15 +55,17 @@ class TreePlan:
         ranks = torch.tensor([ranks_list], dtype=torch.int64, device=device)
         masks = ops.build_tree(parents, 0)  # the op's mask and depths: plan time only, never per step
         depth_list = masks.depth[0].tolist()
-        has_children = set(parents_list[1:])
+        drafted_end = len(parents_list) - spec.lookup  # the drafter's nodes; the lookup chain after them
+        # Nodes the drafter runs: those with drafted children (a lookup node's child is the lookup's, never run).
+        has_children = set(parents_list[1:drafted_end])
         levels, expanded, parent_in_level, children_needed = [], [], [None], [None]
-        for d in range(spec.depth + 1):
-            members = [i for i, n in enumerate(depth_list) if n == d]
+        for d in range(spec.draft_depth + 1):
+            members = [i for i, n in enumerate(depth_list[:drafted_end]) if n == d]
             if members != list(range(members[0], members[-1] + 1)):
                 raise ValueError(f"tree nodes of depth {d} are not contiguous: {members}")  # TreeSpec sorts them
             levels.append((members[0], members[-1] + 1))
             expanded.append([i for i in members if i in has_children])
-        for d in range(1, spec.depth + 1):
+        for d in range(1, spec.draft_depth + 1):
             start, end = levels[d]
             above = expanded[d - 1]
             parent_in_level.append(torch.tensor([above.index(parents_list[i]) for i in range(start, end)],
@@ -72,4 +80,4 @@ class TreePlan:
                               device=device)
         return cls(len(depth_list), spec.depth, parents.expand(batch, -1).contiguous(), masks.depth, ranks,
                    block, tuple(levels), expanded, tuple(parent_in_level), tuple(children_needed), drafted, leaves,
-                   block[:, leaves])
+                   block[:, leaves], spec.draft_depth, (drafted_end, len(parents_list)))

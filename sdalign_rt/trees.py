@@ -16,6 +16,8 @@ import torch
 from sdalign_rt import checks
 
 TREE_KINDS = ("chain", "static", "dynamic")
+# The rank a context-lookup node carries (Draft.ranks, acceptance by rank): it is not among the drafter's candidates.
+LOOKUP_RANK = -2
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,14 @@ class TreeSpec:
     top_k: int
     total_tokens: int  # draft nodes, the root excluded
     choices: tuple[tuple[int, ...], ...] = ()  # static: each node's path of sibling ranks, in node order
+    # Context lookup (prompt lookup decoding): a chain of this many nodes under the root, after the drafter's nodes,
+    # proposing what followed the latest earlier occurrence of the text's last tokens (sdalign_rt/lookup.py). Those
+    # nodes cost verifier width only: the drafter never runs them. depth and total_tokens count them.
+    lookup: int = 0
+    # Context lookup in place: at depths 1..lookup_top the top-ranked path ((0,), (0, 0), ...) takes the lookup's
+    # proposals instead of the drafter's tokens, in rows whose last 2+ tokens occurred before (else the drafter's
+    # stay). No extra width: what a CPU, where each verified node costs, can afford (bench/results/lookup_cpu.json).
+    lookup_top: int = 0
 
     @classmethod
     def chain(cls, depth: int) -> "TreeSpec":
@@ -70,6 +80,44 @@ class TreeSpec:
         """No drafts: each step verifies the root alone (plain one-token decoding through the same loop)."""
         return cls("root", 0, 0, 0, ())
 
+    def with_lookup(self, nodes: int) -> "TreeSpec":
+        """This tree plus a context-lookup chain of `nodes` proposals under the root (0: none). Static trees (and
+        the root alone: lookup decoding without a drafter model) only: a dynamic tree's shape is chosen per step.
+
+        >>> TreeSpec.chain(1).with_lookup(3).parents(), TreeSpec.chain(1).with_lookup(3).depth
+        ([-1, 0, 0, 2, 3], 3)
+        """
+        if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 0:
+            raise ValueError(f"lookup must be an int >= 0 (proposals per step), got {nodes!r}")
+        if not self.is_static:
+            raise ValueError("context lookup extends static trees (chain, static, the root alone); a dynamic tree's "
+                             "shape is chosen per step")
+        draft_depth, drafts = self.draft_depth, self.total_tokens - self.lookup
+        return TreeSpec(self.kind, max(draft_depth, nodes), self.top_k, drafts + nodes, self.choices, nodes,
+                        self.lookup_top)
+
+    def with_lookup_top(self, depth: int) -> "TreeSpec":
+        """This tree with its top-ranked path's first `depth` nodes taken from the context lookup where the text's
+        last 2+ tokens occurred before (see the field). Static drafted trees only; depth <= draft_depth.
+
+        >>> str(TreeSpec.chain(2).with_lookup_top(2))
+        'chain:2+lookup-top:2'
+        """
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+            raise ValueError(f"lookup_top must be an int >= 0, got {depth!r}")
+        if not self.is_static or self.draft_depth < depth:
+            raise ValueError(f"lookup_top={depth} replaces drafted nodes of a static tree's top path, which this "
+                             f"tree ({self}) has {self.draft_depth if self.is_static else 'no fixed'} of")
+        missing = [(0,) * d for d in range(1, depth + 1) if (0,) * d not in self.choices]
+        if missing:
+            raise ValueError(f"lookup_top={depth} needs the top path {missing[0]} in the tree's choices")
+        return TreeSpec(self.kind, self.depth, self.top_k, self.total_tokens, self.choices, self.lookup, depth)
+
+    @property
+    def draft_depth(self) -> int:
+        """The depth of the drafter's own nodes (the lookup chain aside)."""
+        return max((len(path) for path in self.choices), default=0) if self.is_static else self.depth
+
     @classmethod
     def dynamic(cls, top_k: int, depth: int, total_tokens: int) -> "TreeSpec":
         """EAGLE-2: expand the top_k best nodes by top_k children per level for depth levels, keep the
@@ -88,9 +136,21 @@ class TreeSpec:
     def parse(cls, text: str) -> "TreeSpec":
         """From the command line: "chain:4", "dynamic:TOP_K,DEPTH,TOTAL", or "static:" + a JSON list of rank
         paths ("static:[[0],[1],[0,0]]") or a JSON file holding one, or a plan written by `sdalign-rt
-        plan-tree` ("static:plan.json", its "choices")."""
+        plan-tree` ("static:plan.json", its "choices"); "+lookup:M" after a static tree adds a context-lookup
+        chain of M proposals ("chain:1+lookup:4"), and "lookup:M" is that chain alone (no drafter model); then
+        "+lookup-top:M" lets the lookup take the top path's first M nodes ("static:[[0]]+lookup-top:1")."""
         kind, _, arg = text.partition(":")
         try:
+            base, plus, extra = text.partition("+lookup-top:")
+            if plus:
+                return cls.parse(base).with_lookup_top(int(extra))
+            base, plus, extra = text.partition("+lookup:")
+            if plus:
+                return (cls.root_only() if base == "root" else cls.parse(base)).with_lookup(int(extra))
+            if kind == "lookup":
+                return cls.root_only().with_lookup(int(arg))
+            if kind == "root" and not arg:
+                return cls.root_only()
             if kind == "chain":
                 return cls.chain(int(arg))
             if kind == "dynamic":
@@ -113,13 +173,16 @@ class TreeSpec:
 
     def __str__(self) -> str:
         """The command-line form TreeSpec.parse reads back ("chain:4", "static:[[0],[1],[0,0]]", ...)."""
-        if self.kind == "chain":
-            return f"chain:{self.depth}"
         if self.kind == "dynamic":
             return f"dynamic:{self.top_k},{self.depth},{self.total_tokens}"
         if self.kind == "root":
-            return "root"
-        return "static:[" + ",".join("[" + ",".join(map(str, path)) + "]" for path in self.choices) + "]"
+            return f"lookup:{self.lookup}" if self.lookup else "root"
+        if self.kind == "chain":
+            base = f"chain:{self.draft_depth}"
+        else:
+            base = "static:[" + ",".join("[" + ",".join(map(str, path)) + "]" for path in self.choices) + "]"
+        return (base + (f"+lookup:{self.lookup}" if self.lookup else "")
+                + (f"+lookup-top:{self.lookup_top}" if self.lookup_top else ""))
 
     @property
     def num_nodes(self) -> int:
@@ -136,12 +199,14 @@ class TreeSpec:
         index = {(): 0}
         for i, path in enumerate(self.choices, start=1):
             index[path] = i
-        return [-1] + [index[path[:-1]] for path in self.choices]
+        first = len(self.choices) + 1  # the lookup chain: under the root, then each under the one before
+        return [-1] + [index[path[:-1]] for path in self.choices] + [0 if i == 0 else first + i - 1
+                                                                    for i in range(self.lookup)]
 
     def ranks(self) -> list[int]:
-        """Each node's rank among its parent's draft tokens (the root: -1)."""
+        """Each node's rank among its parent's draft tokens (the root: -1; lookup nodes: LOOKUP_RANK)."""
         self._require_static("ranks")
-        return [-1] + [path[-1] for path in self.choices]
+        return [-1] + [path[-1] for path in self.choices] + [LOOKUP_RANK] * self.lookup
 
     def parents_tensor(self, batch: int, device=None) -> torch.Tensor:
         """parents[B, N] int64 for a static tree, ready for sd.ops.build_tree."""

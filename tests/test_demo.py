@@ -41,7 +41,10 @@ def test_demo_round_trip_then_reuses_the_cache(checkpoint, tmp_path, monkeypatch
                 "tokens_per_s_spec", "draft_layers", "adapter_cosine", "per_position_acceptance", "peers",
                 "feature_sweep", "tree_plan", "bookkeeping_share_of_verify"):
         assert key in result
-    assert result["lossless"] is True and set(result["peers"]) == set(experiment.PEERS)
+    assert result["lossless"] is True and set(result["peers"]) <= set(experiment.PEERS)
+    tree = sd.TreeSpec.parse(result["tree"])
+    assert ("ours_adapter_only" in result["peers"]) == bool(tree.lookup_top)  # the copying tree and without it
+    assert set(experiment.PEERS) - {"ours_adapter_only"} <= set(result["peers"])
     acceptance = result["acceptance"]
     assert acceptance["lossless"] is True and acceptance["conversations"] == TINY.acceptance_prompts
     assert 0 <= acceptance["second_draft"] <= acceptance["first_draft"] <= 1

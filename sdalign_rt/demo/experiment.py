@@ -33,7 +33,9 @@ from sdalign_rt.plotting import pyplot
 
 # Picked by `sdalign-rt compare-adapters` on the embedded default (bench/results/adapters_cpu.json).
 DEFAULT_DRAFT_LAYERS = 2
-PEERS = ("hf_generate", "hf_prompt_lookup", "hf_early_exit", "ours_one_token", "ours_speculative")
+# ours_adapter_only: the tree without the context lookup, measured when the demo's tree copies (lookup_top > 0).
+PEERS = ("hf_generate", "hf_prompt_lookup", "hf_early_exit", "ours_one_token", "ours_prompt_lookup",
+         "ours_adapter_only", "ours_speculative")
 
 
 @dataclass
@@ -63,6 +65,10 @@ class DemoConfig:
     # against 0.32; adapters_cpu.json): more passes learn the generator's style.
     epochs: int = 3
     seed: int = 0
+    # The tree's top path takes this many tokens from the context lookup where the text's last 2+ tokens occurred
+    # before (TreeSpec.with_lookup_top): copies of the prompt at no extra verified width. 1.27x against 1.17x over
+    # our one-token decode with the single planned draft (bench/results/lookup_cpu.json); 0: the adapter alone.
+    lookup_top: int = 1
     eval_prompts: int = 4  # frozen evaluation conversations every peer runs, timed (--full: 11, one per kind)
     acceptance_prompts: int = 11  # frozen evaluation conversations the acceptance report decodes (--full: all 48)
     rounds: int = 2  # interleaved repetitions of every peer; speedups are medians over rounds (--full: 3)
@@ -289,12 +295,28 @@ def planned_tree(model, tokenizer, adapter, k: int, cache_dir: str, config: Demo
     return planned.tree, report
 
 
+def with_lookup(tree, config: DemoConfig):
+    """The demo's tree with config.lookup_top of its top path taken from the context lookup (as far as the tree
+    has a top path: a static tree's (0,), (0, 0), ...)."""
+    if not config.lookup_top or not tree.is_static:
+        return tree
+    depth = 0
+    while depth < config.lookup_top and (0,) * (depth + 1) in tree.choices:
+        depth += 1
+    return tree.with_lookup_top(depth) if depth else tree
+
+
+# Prompt lookup alone through our runtime (no drafter model): 3 copied tokens per step, HF's peer.
+OURS_LOOKUP_TREE = "lookup:3"
+
+
 def _systems(model, adapter, k: int, tree, max_new_tokens: int) -> dict:
     """Each peer as a callable ids -> (sequences, stats or None)."""
     import sdalign_rt as sd
 
     speculative = sd.SpeculativeDecoder(model, model, adapter=adapter, tree=tree, draft_layers=k)
     plain = sd.SpeculativeDecoder(model, None)
+    lookup_only = sd.SpeculativeDecoder(model, None, tree=sd.TreeSpec.parse(OURS_LOOKUP_TREE))
 
     def hf(**extra):
         def run(ids):
@@ -309,9 +331,15 @@ def _systems(model, adapter, k: int, tree, max_new_tokens: int) -> dict:
             return out.sequences, out.stats
         return run
 
-    return {"hf_generate": hf(), "hf_prompt_lookup": hf(prompt_lookup_num_tokens=10),
-            "hf_early_exit": hf(assistant_early_exit=k), "ours_one_token": ours(plain),
-            "ours_speculative": ours(speculative)}
+    systems = {"hf_generate": hf(), "hf_prompt_lookup": hf(prompt_lookup_num_tokens=10),
+               "hf_early_exit": hf(assistant_early_exit=k), "ours_one_token": ours(plain),
+               "ours_prompt_lookup": ours(lookup_only)}
+    if tree.lookup_top:  # what the adapter's drafts alone give, beside the tree that also copies
+        adapter_only = replace(tree, lookup_top=0)
+        systems["ours_adapter_only"] = ours(sd.SpeculativeDecoder(model, model, adapter=adapter, tree=adapter_only,
+                                                                  draft_layers=k))
+    systems["ours_speculative"] = ours(speculative)
+    return systems
 
 
 @torch.no_grad()
@@ -369,6 +397,8 @@ def measure(model, tokenizer, adapter, k: int, tree, config: DemoConfig, progres
         "lossless": identical["ours_speculative"],
         # the headline: what drafting adds over our own one-token decode (the same runtime without drafts)
         "speculation_over_one_token": peers["ours_speculative"]["over_one_token"],
+        # the adapter's drafts alone (the same tree without the context lookup), when the tree copies too
+        "adapter_only_over_one_token": peers.get("ours_adapter_only", peers["ours_speculative"])["over_one_token"],
         "speedup": peers["ours_speculative"]["speedup"],
         "tokens_per_s_baseline": peers["hf_generate"]["tokens_per_s"],
         "tokens_per_s_spec": peers["ours_speculative"]["tokens_per_s"],
@@ -527,12 +557,14 @@ def run_demo(config: DemoConfig, cache_dir: str | None = None, progress: bool = 
     ours = checkpoint is None  # the shipped adapter and plan are SmolLM2's
     adapter, alignment = prepare_adapter(model, tokenizer, k, cache_dir, config, progress, retrain, ours)
     tree, plan = planned_tree(model, tokenizer, adapter, k, cache_dir, config, progress, retrain, ours)
+    tree = with_lookup(tree, config)
     result = measure(model, tokenizer, adapter, k, tree, config, progress)
     if config.acceptance_prompts:
         result["acceptance"] = eval_acceptance(model, tokenizer, adapter, k, tree, config.acceptance_prompts,
                                                config.max_new_tokens, progress)
     if sweep_features and config.feature_thresholds:
-        result["feature_sweep"] = feature_sweep(model, tokenizer, adapter, k, tree, config,
+        # Feature mode accepts by the drafter's states: the tree without the context lookup.
+        result["feature_sweep"] = feature_sweep(model, tokenizer, adapter, k, replace(tree, lookup_top=0), config,
                                                 result["tokens_per_s_baseline"], progress)
     result["tree_plan"] = plan
     result["adapter_cosine"] = alignment["cosine"]["mean"]
