@@ -47,7 +47,8 @@ def _extension_setup():
     ext = CppExtension(
         "sdalign_rt._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
+        extra_link_args=["-fopenmp"],  # ATen's parallel_for is header code: without OpenMP it runs serially
         py_limited_api=False,
     )
     return [ext], {"build_ext": OptionalBuildExtension.with_options(no_python_abi_suffix=False)}

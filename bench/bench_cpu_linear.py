@@ -1,4 +1,5 @@
-"""Few-row linear layers on the CPU: F.linear vs the weight @ rows.T orientation (sdalign_rt.cpu_linear).
+"""Few-row linear layers on the CPU: F.linear vs sdalign_rt.cpu_linear (torch.mm's small-N path for 1-2 rows,
+the extension's few_row_linear for 3-8).
 
     python3 bench/bench_cpu_linear.py [--rounds 3] [--quick]
 

@@ -24,5 +24,10 @@ def cpp_available() -> bool:
     return _loaded
 
 
+def has_op(name: str) -> bool:
+    """Whether the loaded extension registers `name` (an extension built by an older checkout may lack it)."""
+    return hasattr(torch.ops.sdalign_rt, name)
+
+
 def cpp_op(name: str):
     return getattr(torch.ops.sdalign_rt, name)

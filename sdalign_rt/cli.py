@@ -61,13 +61,16 @@ def _generate(args) -> int:
     # Without --draft the target drafts from its own first K layers: one copy of the weights, one shared cache.
     draft = (target if args.draft is None or os.path.realpath(args.draft) == os.path.realpath(args.target)
              else AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).to(args.device).eval())
-    if draft is target and args.draft_layers is None:
+    tree = sd.TreeSpec.parse(args.tree)
+    if tree.kind == "root" and args.draft is None and args.draft_layers is None:  # the check above allowed lookup:M
+        draft = None  # "lookup:M" (or "root"): no drafter model, the copied chain alone
+    elif draft is target and args.draft_layers is None:
         raise SystemExit("sdalign-rt generate: the drafter is the target itself, so pass --draft-layers K (draft "
                          "from its first K layers); a full copy of the target would draft at the target's cost")
     adapter = (sd.BottleneckAdapter.from_pretrained(args.adapter, dtype=dtype, device=args.device)
                if args.adapter else None)
     decoder = sd.SpeculativeDecoder(target=target, draft=draft, adapter=adapter, mode=args.mode,
-                                    tree=sd.TreeSpec.parse(args.tree), feature_threshold=args.threshold,
+                                    tree=tree, feature_threshold=args.threshold,
                                     draft_layers=args.draft_layers, pad_token_id=tokenizer.pad_token_id,
                                     compile=args.compile, graphs=False if args.no_graphs else None)
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True).to(args.device)
@@ -90,8 +93,9 @@ def _check_generate_args(args) -> None:
     def fail(message):
         raise SystemExit(f"sdalign-rt generate: {message}")
 
-    if args.draft is None and args.draft_layers is None:
-        fail("pass --draft DRAFTER, or --draft-layers K to draft from the target's own first K layers")
+    if args.draft is None and args.draft_layers is None and not args.tree.startswith("lookup:"):
+        fail("pass --draft DRAFTER, or --draft-layers K to draft from the target's own first K layers (or --tree "
+             "lookup:M: prompt lookup alone, no drafter model)")
     if args.draft_layers is not None and args.draft_layers < 1:
         fail(f"--draft-layers must be >= 1, got {args.draft_layers}")
     if args.mode != "sample" and (args.temperature != 1.0 or args.top_k is not None or args.top_p is not None):
@@ -216,13 +220,14 @@ def _plan_tree(args) -> int:
         prompts.append(ids.to(args.device))
     planned, report = plan_tree(target, draft, prompts, adapter=adapter, draft_layers=args.draft_layers,
                                 max_nodes=args.max_nodes, max_depth=args.max_depth, ranks=args.ranks,
-                                new_tokens=args.new_tokens)
+                                new_tokens=args.new_tokens, lookup_top=args.lookup_top)
     print(json.dumps({"tree": report["plan"]["tree"], "expected_tokens": planned.expected_tokens,
                       "predicted_tokens_per_s": planned.predicted_tokens_per_s,
                       "measured_tokens_per_s": report["measured_tokens_per_s"]}, indent=2))
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"wrote {args.json} (use it as --tree static:{args.json})")
+    suffix = f"+lookup-top:{planned.tree.lookup_top}" if planned.tree.lookup_top else ""
+    print(f"wrote {args.json} (use it as --tree static:{args.json}{suffix})")
     return 0
 
 
@@ -551,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     plan.add_argument("--device", default="cpu")
     plan.add_argument("--json", default="tree_plan.json")
+    plan.add_argument("--lookup-top", type=int, default=0, help="every tree copies its top path's first N nodes "
+                      "from the context where the text's last tokens occurred before (TreeSpec +lookup-top:N)")
     plan.set_defaults(run=_plan_tree)
 
     evaluate = commands.add_parser("eval-alignment", help="cosine, top-k agreement, acceptance by threshold and "

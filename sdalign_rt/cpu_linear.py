@@ -1,14 +1,16 @@
-"""Linear layers on a few rows, on the CPU: the GEMM orientation that streams the weight fastest.
+"""Linear layers on a few rows, on the CPU: the kernel that streams the weight fastest for each row count.
 
-A decode step multiplies 1 to ~4 rows by each weight matrix, so it is bound by how fast the weight streams
-from memory. Measured on this project's 2-core CPU (MKL, fp32, bench/results/cpu_linear_cpu.json): F.linear
-on one row runs MKL's matrix-vector path at ~9 GB/s, while weight @ rows.T with 2 to 4 rows runs its
-small-N matrix-matrix path at ~20 GB/s; from ~5 rows on both cost about the same on a layer's matrices, but on
-a vocabulary-sized head (8192 to 49152 rows) the small-N path stays 2-3x faster up to 8 rows (a tree of 5-8
-nodes: 5.2 against 16.5 ms for SmolLM2's head at 5 rows). So fp32 CPU projections of 1-4 rows, and of 5-8 rows
-by a weight of at least 8192 rows, go through `torch.mm(weight, rows.T)` (one row is duplicated to make two),
-everything else through the module itself. Same weights, same math; only the summation order inside the GEMM differs, as it does
-between any two batch shapes. SDALIGN_RT_CPU_LINEAR=module turns it off.
+A decode step multiplies 1 to ~8 rows (the tree's nodes) by each weight matrix, so it should cost the time the
+weight takes to stream from memory, whatever the row count. Measured on this project's 2-core CPU (fp32, weights
+streamed as a forward streams them; bench/results/cpu_linear_cpu.json): F.linear on one row runs MKL's
+matrix-vector path at ~12 GB/s; `torch.mm(weight, rows.T)` on 2 rows runs MKL's small-N path at ~30 GB/s but
+turns compute-bound from 3 rows on (a 4-node verify of SmolLM2 spent 1.5x a 2-node one in its projections); the
+extension's `few_row_linear` (csrc/few_row_linear.cpp: each pair of weight rows read once and multiplied with
+every row in registers) holds ~24 GB/s for 1 to 8 rows. So fp32 CPU projections of 1-2 rows take `torch.mm`
+(one row duplicated to make two), 3-8 rows `few_row_linear` (but 3-4 rows by a small model's LM head, tall and
+narrow, where MKL's small-N path stays ahead, `torch.mm`), everything else the module itself; without the
+extension, 3-4 rows take `torch.mm`. Same weights, same math; only the summation order inside the product differs, as it does
+between any two batch shapes. SDALIGN_RT_CPU_LINEAR=module turns it all off.
 """
 from __future__ import annotations
 
@@ -17,9 +19,23 @@ import os
 import torch
 from torch import nn
 
-MAX_ROWS = 4  # past this MKL's small-N path loses its edge on a layer's matrices (see the module docstring)
-MAX_ROWS_TALL = 8  # ... and this far it keeps it on a weight of at least TALL rows (LM heads)
-TALL = 8192
+MAX_ROWS = 8  # past this the module's own GEMM (MKL's blocked path) is the right one
+MM_ROWS = 2  # torch.mm's small-N path up to here (and as the fallback up to 4 without the extension)
+TALL = 8192  # a weight at least this tall and at most NARROW wide (a small model's LM head) keeps torch.mm up to
+NARROW = 1024  # MM_TALL_ROWS rows (SmolLM2's head: 4.0-4.7 ms there against 5.2; a 4096-wide one gains from few_row)
+MM_TALL_ROWS = 4
+
+
+_FEW_ROW: list = []  # the extension's op (or None without it), looked up once
+
+
+def _few_row_op():
+    if not _FEW_ROW:
+        from sdalign_rt import _ext
+
+        _FEW_ROW.append(_ext.cpp_op("few_row_linear") if _ext.cpp_available() and _ext.has_op("few_row_linear")
+                        else None)
+    return _FEW_ROW[0]
 
 
 def enabled() -> bool:
@@ -29,14 +45,20 @@ def enabled() -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K], weight [N, K], by the faster CPU GEMM where it applies."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    most = MAX_ROWS_TALL if weight.shape[0] >= TALL else MAX_ROWS
-    if (not 1 <= rows <= most or x.device.type != "cpu" or x.dtype != torch.float32
+    if (not 1 <= rows <= MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or not enabled()):
         return nn.functional.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
-    if rows == 1:
-        flat = flat.expand(2, -1)
-    out = torch.mm(weight, flat.contiguous().T).T[:rows]  # [rows, N]; rows.T must be a transposed view
+    tall = weight.shape[0] >= TALL and weight.shape[1] <= NARROW
+    few_row = None if rows <= MM_ROWS or (rows <= MM_TALL_ROWS and tall) else _few_row_op()
+    if few_row is not None:
+        out = few_row(flat, weight)
+    elif rows <= MM_TALL_ROWS or tall:
+        if rows == 1:
+            flat = flat.expand(2, -1)
+        out = torch.mm(weight, flat.contiguous().T).T[:rows]  # [rows, N]; rows.T must be a transposed view
+    else:
+        return nn.functional.linear(x, weight, bias)
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])

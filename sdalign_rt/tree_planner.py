@@ -51,7 +51,9 @@ class Acceptance:
     def from_comb_stats(cls, stats: dict, ranks: int) -> "Acceptance":
         """From a comb-tree decode's stats: accepted drafts by (depth, rank) over the times the spine reached
         the depth above (every step for depth 1; the accepted rank-0 node of the depth above after that)."""
-        counts = [[d.get(str(r), 0) for r in range(ranks)] for d in stats["accepted_by_depth_rank"]]
+        # A copied draft on the top path (lookup_top) stands where the drafter's rank-0 one would have.
+        counts = [[d.get(str(r), 0) + (d.get("lookup", 0) if r == 0 else 0) for r in range(ranks)]
+                  for d in stats["accepted_by_depth_rank"]]
         q, reached = [], stats["row_steps"]
         for level in counts:
             q.append([c / reached if reached else 0.0 for c in level])
@@ -153,7 +155,7 @@ def best_tree(acceptance: Acceptance, costs: StepCosts, max_nodes: int, max_dept
 
 
 def refine_in_loop(modelled: PlannedTree, acceptance: Acceptance, prompts: list, finalists: int, make_decoder,
-                   new_tokens: int, rounds: int = 3) -> tuple[PlannedTree, list]:
+                   new_tokens: int, rounds: int = 3, lookup_top: int = 0) -> tuple[PlannedTree, list]:
     """Time the cost model's `finalists` best distinct trees (and the one-draft chain) in real decoding steps on
     the calibration prompts, and keep the one of most expected tokens per in-loop second. Parts timed apart
     miss what a step does to them together (the drafter's and the verifier's weights evicting each other from
@@ -167,7 +169,7 @@ def refine_in_loop(modelled: PlannedTree, acceptance: Acceptance, prompts: list,
         key = str(candidate.get("choices"))
         if key not in seen:
             seen.add(key)
-            trees.append(TreeSpec.static(candidate["choices"]))
+            trees.append(TreeSpec.static(candidate["choices"]).with_lookup_top_within(lookup_top))
         if len(trees) > finalists:
             break
     decoders = [make_decoder(tree) for tree in trees]
@@ -269,15 +271,19 @@ def _measure_costs(decoder, input_ids, max_nodes, max_width, reps) -> StepCosts:
 
 def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int | None = None, vocab_map=None,
               max_nodes: int = 16, max_depth: int = 6, ranks: int = 4, new_tokens: int = 48, reps: int = 5,
-              finalists: int = 5, lean: bool | None = None, progress: bool = True) -> tuple[PlannedTree, dict]:
+              finalists: int = 5, lean: bool | None = None, lookup_top: int = 0,
+              progress: bool = True) -> tuple[PlannedTree, dict]:
     """Calibrate acceptance on `prompts` ([1, P] id tensors, not the evaluation prompts), time the step's
     parts, rank every tree by the cost model, time the `finalists` best of them in the loop itself, and return
     the best with a report: q, the costs, every tree weighed, the in-loop step times, and the chosen tree's
-    measured tokens/s on the calibration prompts next to its prediction."""
+    measured tokens/s on the calibration prompts next to its prediction. lookup_top: every tree, the
+    calibration comb included, copies its top path's first nodes from the context (TreeSpec.with_lookup_top),
+    so q[d][0] is the top path's acceptance with the copies."""
     from tqdm import tqdm
 
     kwargs = dict(adapter=adapter, draft_layers=draft_layers, vocab_map=vocab_map, lean=lean)
-    comb = SpeculativeDecoder(target, draft, tree=comb_tree(max_depth, ranks), **kwargs)
+    comb = SpeculativeDecoder(target, draft, tree=comb_tree(max_depth, ranks).with_lookup_top_within(lookup_top),
+                              **kwargs)
     totals = {"accepted_by_depth_rank": [{} for _ in range(max_depth)], "row_steps": 0}
     for ids in tqdm(prompts, desc="calibrate acceptance", unit="prompt", disable=not progress):
         stats = comb.generate(ids, new_tokens, attention_mask=torch.ones_like(ids)).stats
@@ -291,7 +297,8 @@ def plan_tree(target, draft, prompts: list, *, adapter=None, draft_layers: int |
     costs = measure_costs(timer, prompts[0], max_nodes, max_nodes, reps)
     modelled = best_tree(acceptance, costs, max_nodes, max_depth)
     planned, in_loop = refine_in_loop(modelled, acceptance, prompts, finalists,
-                                      lambda tree: SpeculativeDecoder(target, draft, tree=tree, **kwargs), new_tokens)
+                                      lambda tree: SpeculativeDecoder(target, draft, tree=tree, **kwargs), new_tokens,
+                                      lookup_top=lookup_top)
     measured = SpeculativeDecoder(target, draft, tree=planned.tree, **kwargs)
     measured.generate(prompts[0], 8)
     tokens, seconds = 0, 0.0

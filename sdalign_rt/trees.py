@@ -113,6 +113,16 @@ class TreeSpec:
             raise ValueError(f"lookup_top={depth} needs the top path {missing[0]} in the tree's choices")
         return TreeSpec(self.kind, self.depth, self.top_k, self.total_tokens, self.choices, self.lookup, depth)
 
+    def with_lookup_top_within(self, depth: int) -> "TreeSpec":
+        """with_lookup_top as deep as this tree's top path ((0,), (0, 0), ...) reaches, at most `depth` (a tree
+        without a top path, or a dynamic one, is returned as it is)."""
+        if not self.is_static:
+            return self
+        reach = 0
+        while reach < depth and (0,) * (reach + 1) in self.choices:
+            reach += 1
+        return self.with_lookup_top(reach) if reach else self
+
     @property
     def draft_depth(self) -> int:
         """The depth of the drafter's own nodes (the lookup chain aside)."""

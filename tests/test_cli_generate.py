@@ -31,13 +31,16 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tree,extra", [("chain:3", []), ("static:[[0],[1],[0,0],[0,1]]", []),
-                                        ("dynamic:2,3,5", []), ("chain:3", ["--draft-layers", "1"])])
+                                        ("dynamic:2,3,5", []), ("chain:3", ["--draft-layers", "1"]),
+                                        ("chain:2+lookup-top:1", []), ("lookup:3", None)])
 def test_generate_matches_the_reloaded_verifier(checkpoints, tree, extra, capsys):
+    """extra None: no drafter at all (prompt lookup alone)."""
     prompts = ["w5 w9 w11", "w40 w2"]
     report = checkpoints / "out.json"
-    assert cli.main(["generate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"),
-                     "--adapter", str(checkpoints / "adapter"), "--tree", tree, "--max-new-tokens", "12",
-                     "--prompt", prompts[0], "--prompt", prompts[1], "--json", str(report), *extra]) == 0
+    drafter = [] if extra is None else ["--draft", str(checkpoints / "draft"), "--adapter", str(checkpoints / "adapter")]
+    assert cli.main(["generate", "--target", str(checkpoints / "target"), *drafter, "--tree", tree,
+                     "--max-new-tokens", "12", "--prompt", prompts[0], "--prompt", prompts[1], "--json", str(report),
+                     *(extra or [])]) == 0
     printed = capsys.readouterr().out
     result = json.loads(report.read_text())
     tokenizer = word_tokenizer()

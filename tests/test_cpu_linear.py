@@ -21,6 +21,37 @@ def test_matches_f_linear(rows, lead, bias, dtype, seed):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), columns=st.sampled_from([7, 8, 48, 53]), out=st.sampled_from([1, 5, 40, 41]),
+       seed=st.integers(0, 2**16))
+def test_few_row_kernel_matches_f_linear(rows, columns, out, seed):
+    """The extension's few_row_linear (3-8 rows): ragged K (not a multiple of 8), odd N (an unpaired last row)."""
+    from sdalign_rt import _ext
+
+    if not (_ext.cpp_available() and _ext.has_op("few_row_linear")):
+        pytest.skip(f"the C++ extension is not built: {_ext.load_error}")
+    gen = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(rows, columns, generator=gen), torch.randn(out, columns, generator=gen)
+    torch.testing.assert_close(_ext.cpp_op("few_row_linear")(x, weight), torch.nn.functional.linear(x, weight),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_which_kernel_each_row_count_takes(monkeypatch):
+    """1-2 rows: torch.mm; 3-8: few_row_linear (3-4 by a tall head: torch.mm); more: the module's own GEMM."""
+    from sdalign_rt import _ext
+
+    if not (_ext.cpp_available() and _ext.has_op("few_row_linear")):
+        pytest.skip(f"the C++ extension is not built: {_ext.load_error}")
+    calls = []
+    op = _ext.cpp_op("few_row_linear")
+    monkeypatch.setattr(cpu_linear, "_FEW_ROW", [lambda x, w: calls.append(len(x)) or op(x, w)])
+    for rows in range(1, 11):
+        cpu_linear.linear(torch.randn(rows, 16), torch.randn(24, 16))
+    cpu_linear.linear(torch.randn(4, 16), torch.randn(cpu_linear.TALL, 16))
+    cpu_linear.linear(torch.randn(5, 16), torch.randn(cpu_linear.TALL, 16))
+    assert calls == [3, 4, 5, 6, 7, 8, 5]
+
+
 def test_non_contiguous_rows_and_the_switch(monkeypatch):
     x = torch.randn(8, 3).T  # [3, 8], a transposed view
     weight = torch.randn(5, 8)

@@ -22,6 +22,21 @@ def test_acceptance_from_a_comb_decode():
     assert acceptance.expected_tokens(tree) == pytest.approx(1 + 0.6 + 0.1 + 0.3 + 0.06)
 
 
+def test_copied_top_path_drafts_count_as_rank_0():
+    """With lookup_top, an accepted copied draft on the top path ("lookup") stands where rank 0 would."""
+    stats = {"row_steps": 100, "accepted_by_depth_rank": [{"0": 40, "lookup": 20, "1": 10}, {"0": 30}]}
+    assert Acceptance.from_comb_stats(stats, ranks=2).q == [[0.6, 0.1], [0.5, 0.0]]
+
+
+def test_plan_with_lookup_top_keeps_it_in_every_tree():
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    planned, report = plan_tree(TARGET, TARGET, [ids, ids.flip(1)], adapter=sd.BottleneckAdapter(64, 8),
+                                draft_layers=1, max_nodes=4, max_depth=2, ranks=2, new_tokens=10, reps=1,
+                                finalists=2, lookup_top=1, progress=False)
+    assert planned.tree.lookup_top == 1 and all("+lookup-top:1" in row["tree"] for row in report["in_loop"])
+    assert sd.TreeSpec.parse(report["plan"]["tree"]) == planned.tree
+
+
 def test_top_paths_are_prefix_closed_and_best_first():
     acceptance = Acceptance([[0.6, 0.2], [0.5, 0.3], [0.4, 0.1]])
     assert top_paths(acceptance, 5, 3) == [(0,), (0, 0), (1,), (0, 1), (0, 0, 0)]  # 0.6, 0.3, 0.2, 0.18, 0.12

@@ -274,10 +274,12 @@ def planned_tree(model, tokenizer, adapter, k: int, cache_dir: str, config: Demo
         return sd.TreeSpec.parse(config.tree), None
     device = model.get_input_embeddings().weight.device.type
     path = os.path.join(_adapter_dir(cache_dir, config, k), f"tree_plan-{device}-{config.dtype}-"
-                        f"t{torch.get_num_threads()}-n{config.plan_max_nodes}-d{config.plan_max_depth}.json")
+                        f"t{torch.get_num_threads()}-n{config.plan_max_nodes}-d{config.plan_max_depth}"
+                        + (f"-l{config.lookup_top}" if config.lookup_top else "") + ".json")
     shipped = os.path.join(SHIPPED, f"tree_plan-{device}-{config.dtype}.json")
+    shipped_lookup = (shipped_provenance() or {}).get("config", {}).get("lookup_top", 0)
     if (not use_shipped or shipped_adapter_dir(config) is None
-            or (config.plan_max_nodes, config.plan_max_depth) != (8, 5)):
+            or (config.plan_max_nodes, config.plan_max_depth, config.lookup_top) != (8, 5, shipped_lookup)):
         shipped = ""
     for candidate in ([] if retrain else [path, shipped]):
         if candidate and os.path.isfile(candidate):
@@ -288,7 +290,7 @@ def planned_tree(model, tokenizer, adapter, k: int, cache_dir: str, config: Demo
     prompts = [chat_ids(tokenizer, p) for p in calibration_conversations(config)]
     planned, report = plan_tree(model, model, prompts, adapter=adapter, draft_layers=k,
                                 max_nodes=config.plan_max_nodes, max_depth=config.plan_max_depth, ranks=3,
-                                new_tokens=48, progress=progress)
+                                new_tokens=48, lookup_top=config.lookup_top, progress=progress)
     report["environment"] = environment()
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
@@ -298,12 +300,7 @@ def planned_tree(model, tokenizer, adapter, k: int, cache_dir: str, config: Demo
 def with_lookup(tree, config: DemoConfig):
     """The demo's tree with config.lookup_top of its top path taken from the context lookup (as far as the tree
     has a top path: a static tree's (0,), (0, 0), ...)."""
-    if not config.lookup_top or not tree.is_static:
-        return tree
-    depth = 0
-    while depth < config.lookup_top and (0,) * (depth + 1) in tree.choices:
-        depth += 1
-    return tree.with_lookup_top(depth) if depth else tree
+    return tree.with_lookup_top_within(config.lookup_top) if config.lookup_top else tree
 
 
 # Prompt lookup alone through our runtime (no drafter model): 3 copied tokens per step, HF's peer.
