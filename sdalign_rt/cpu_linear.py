@@ -9,8 +9,8 @@ extension's `few_row_linear` (csrc/few_row_linear.cpp: each pair of weight rows 
 every row in registers) holds ~24 GB/s for 1 to 8 rows. So fp32 CPU projections of 1-2 rows take `torch.mm`
 (one row duplicated to make two), 3-8 rows `few_row_linear` (but 3-4 rows by a small model's LM head, tall and
 narrow, where MKL's small-N path stays ahead, `torch.mm`), everything else the module itself; without the
-extension, 3-4 rows take `torch.mm`. Same weights, same math; only the summation order inside the product differs, as it does
-between any two batch shapes. SDALIGN_RT_CPU_LINEAR=module turns it all off.
+extension, 3-4 rows take `torch.mm`. Same weights, same math; only the summation order inside the product
+differs, as it does between any two batch shapes. SDALIGN_RT_CPU_LINEAR=module turns it all off.
 """
 from __future__ import annotations
 

@@ -37,12 +37,13 @@ from sdalign_rt.kv_cache import additive
 from sdalign_rt.lookup import ContextLookup
 from sdalign_rt.tree_plan import TreePlan
 from sdalign_rt.trees import LOOKUP_RANK, TreeSpec, ancestor_closure, select_dynamic_tree
-
-# The top path takes the lookup's proposals only where the text's last tokens matched at least this long: a
-# one-token match is right less often than the drafter (0.44 against 0.48 first drafts with 2, offline on the
-# frozen evaluation set; bench/results/lookup_cpu.json).
-LOOKUP_TOP_MIN_MATCH = 2
 from sdalign_rt.vocab import VocabMap
+
+# The top path takes the lookup's proposals only where the text's last tokens matched at least this long: there
+# the copy is right more often than the drafter (offline on the frozen evaluation set's greedy answers, every
+# position a root: the first draft is right 0.481 with 2+, 0.442 with 1+, 0.346 the drafter alone;
+# bench/lookup_offline.py, bench/results/lookup_offline_cpu.json).
+LOOKUP_TOP_MIN_MATCH = 2
 
 
 @dataclass
@@ -199,7 +200,9 @@ class Drafter:
     def draft(self, state: DrafterState, root: torch.Tensor, plan: TreePlan | None) -> Draft:
         """This step's tree for roots [B] (verifier ids)."""
         if self.model is None:  # plain decoding: the root alone, or the root and the context lookup's chain
-            tokens = root[:, None] if state.lookup is None else torch.cat([root[:, None], state.lookup.propose()[0]], 1)
+            tokens = root[:, None]
+            if state.lookup is not None:
+                tokens = torch.cat([tokens, state.lookup.propose()[0]], dim=1)
             return Draft(tokens, plan.parents, plan.block, plan.depths, plan.ranks, plan.drafter_offsets)
         root_hidden = self.root_forward(state, root)
         root_states = self.states(root_hidden, state.context)
