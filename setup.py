@@ -47,8 +47,10 @@ def _extension_setup():
     ext = CppExtension(
         "sdalign_rt._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
-        extra_link_args=["-fopenmp"],  # ATen's parallel_for is header code: without OpenMP it runs serially
+        # ATen's parallel_for is header code: without OpenMP it runs serially. GCC on Linux (torch's own OpenMP
+        # there is libgomp); elsewhere the ops build without it and run on one thread.
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])},
+        extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
         py_limited_api=False,
     )
     return [ext], {"build_ext": OptionalBuildExtension.with_options(no_python_abi_suffix=False)}

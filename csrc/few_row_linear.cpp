@@ -4,7 +4,8 @@
 // SmolLM2 spends 1.5x a 2-node one in its projections; bench/results/cpu_linear_cpu.json).
 // Here each pair of weight rows is read from memory once and multiplied with up to 4 input rows at a time while
 // it sits in registers and L1 (a compile-time block of R rows keeps the 2R accumulators in registers).
-// AVX2 + FMA where the CPU has them (chosen at run time; the extension is built without -mavx2), scalar else.
+// AVX2 + FMA where the CPU has them (chosen at run time; the extension is built without -mavx2); elsewhere the op
+// is ATen's GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,7 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)  // GCC / clang: target attributes, cpu checks
 #include <immintrin.h>
 #define SDALIGN_RT_X86 1
 #endif
@@ -107,6 +108,13 @@ at::Tensor few_row_linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.size(1) == weight.size(1), "few_row_linear: x has ", x.size(1), " columns, weight ", weight.size(1));
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "few_row_linear: CPU tensors only");
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+#ifdef SDALIGN_RT_X86
+  const bool vector = has_avx2();
+#else
+  const bool vector = false;
+#endif
+  // The scalar loop is for odd rows only: without AVX2 + FMA (older x86, ARM) ATen's GEMM is the fast one.
+  if (!vector) return at::mm(xc, wc.t());
   const int64_t m = xc.size(0), k = xc.size(1), n = wc.size(0);
   at::Tensor out = at::empty({m, n}, xc.options());
   const float* xp = xc.data_ptr<float>();
@@ -117,12 +125,10 @@ at::Tensor few_row_linear(const at::Tensor& x, const at::Tensor& weight) {
   at::parallel_for(0, pairs, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
     const int64_t n0 = begin * 2, n1 = std::min(end * 2, n);
 #ifdef SDALIGN_RT_X86
-    if (has_avx2()) {
-      rows_avx2(xp, wp, op, m, k, n0, n1, n);
-      return;
-    }
-#endif
+    rows_avx2(xp, wp, op, m, k, n0, n1, n);
+#else
     rows_scalar(xp, wp, op, m, k, n0, n1, n);
+#endif
   });
   return out;
 }

@@ -93,7 +93,7 @@ def _check_generate_args(args) -> None:
     def fail(message):
         raise SystemExit(f"sdalign-rt generate: {message}")
 
-    if args.draft is None and args.draft_layers is None and not args.tree.startswith("lookup:"):
+    if args.draft is None and args.draft_layers is None and not args.tree.startswith(("lookup:", "root")):
         fail("pass --draft DRAFTER, or --draft-layers K to draft from the target's own first K layers (or --tree "
              "lookup:M: prompt lookup alone, no drafter model)")
     if args.draft_layers is not None and args.draft_layers < 1:

@@ -50,7 +50,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return nn.functional.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     tall = weight.shape[0] >= TALL and weight.shape[1] <= NARROW
-    few_row = None if rows <= MM_ROWS or (rows <= MM_TALL_ROWS and tall) else _few_row_op()
+    # The extension's op has no backward: training through a projection takes torch.mm / F.linear.
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    few_row = None if rows <= MM_ROWS or (rows <= MM_TALL_ROWS and tall) or grad else _few_row_op()
     if few_row is not None:
         out = few_row(flat, weight)
     elif rows <= MM_TALL_ROWS or tall:

@@ -68,7 +68,9 @@ class ContextLookup:
         capacity = self.text.shape[1]
         columns = (self.length[:, None] + self._columns[None, :tokens.shape[1]]).clamp(max=capacity - 1)
         self.text.scatter_(1, columns, tokens.to(self.text.dtype))
-        self.length.add_(counts.to(self.length.dtype))
+        # A text that outgrows the buffer keeps its first capacity tokens (the decode step's cache, sized alike,
+        # refuses first under generate; stepping a session by hand past it must not read out of bounds).
+        self.length.add_(counts.to(self.length.dtype)).clamp_(max=capacity)
 
     def propose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [B, proposals], matched [B]): what followed the latest earlier occurrence of the text's longest

@@ -52,6 +52,16 @@ def test_which_kernel_each_row_count_takes(monkeypatch):
     assert calls == [3, 4, 5, 6, 7, 8, 5]
 
 
+def test_gradients_flow_for_every_row_count():
+    """The extension's op has no backward: a projection that needs gradients takes a differentiable path."""
+    for rows in (1, 3, 6, 9):
+        x = torch.randn(rows, 16, requires_grad=True)
+        weight = torch.randn(24, 16, requires_grad=True)
+        cpu_linear.linear(x, weight).sum().backward()
+        torch.testing.assert_close(x.grad, weight.detach().sum(0).expand(rows, -1))
+        torch.testing.assert_close(weight.grad, x.detach().sum(0).expand(24, -1))
+
+
 def test_non_contiguous_rows_and_the_switch(monkeypatch):
     x = torch.randn(8, 3).T  # [3, 8], a transposed view
     weight = torch.randn(5, 8)

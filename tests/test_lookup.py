@@ -49,6 +49,15 @@ def test_propose_matches_reference(texts, proposals, max_ngram, data):
         assert got[b].tolist() == want and int(matched[b]) == n, (text, want, n)
 
 
+def test_a_text_past_the_buffer_keeps_its_first_tokens():
+    lookup = ContextLookup(1, 8, 2, "cpu")
+    lookup.start(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([4]))
+    lookup.append(torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([6]))
+    assert lookup.length.tolist() == [8] and lookup.text[0, :7].tolist() == [1, 2, 3, 4, 5, 6, 7]
+    tokens, _ = lookup.propose()  # reads inside the buffer
+    assert tokens.shape == (1, 2)
+
+
 def test_reference_examples():
     assert ref.lookup_proposals([1, 2, 3, 9, 1, 2, 3], 2, 3, 1) == ([9, 1], 3)
     assert ref.lookup_proposals([1, 2, 1, 2, 1, 2], 3, 3, 1) == ([1, 2, 2], 3)  # the latest occurrence; the text ends
