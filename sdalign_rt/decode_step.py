@@ -121,7 +121,7 @@ class DecodeStep:
         if tree.lookup or tree.lookup_top:  # the texts the lookup reads: as long as the verifier's cache can grow
             self.drafter_state.lookup = ContextLookup(batch, cache.capacity, max(tree.lookup, tree.lookup_top),
                                                       device)
-        self._path_columns = torch.arange(tree.depth + 1, device=device)
+            self._path_columns = torch.arange(tree.depth + 1, device=device)  # where each row's bonus lands
         drafter.prepare(self.drafter_state)
         # One graph records one device's stream: a model spread over GPUs (or a drafter on another GPU) steps eagerly.
         devices = {buffer.device for runner in (verifier, workspace.drafter) if runner is not None

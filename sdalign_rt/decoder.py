@@ -113,10 +113,6 @@ class SpeculativeDecoder:
             if mode == "feature":
                 raise ValueError("feature mode accepts drafts by the drafter's states, which context-lookup nodes do "
                                  "not have: use greedy or sample mode with a lookup tree")
-            if tree.lookup and draft is not None and not (draft is target and draft_layers is not None and vocab_map is None):
-                raise ValueError("a context-lookup chain needs a drafter without a cache of its own (the verifier's "
-                                 "first layers, draft_layers=k, or draft=None): a drafter with its own cache would "
-                                 "miss the K/V of accepted lookup tokens")
         self.target, self.draft, self.adapter, self.mode, self.tree = target, draft, adapter, Mode(mode), tree
         self.vocab_map = vocab_map
         self.feature_threshold = checks.threshold(feature_threshold)
@@ -135,6 +131,10 @@ class SpeculativeDecoder:
                                  and vocab_map is None and tree.is_static and target_lean)
         self.drafter = Drafter(draft, target, tree, adapter=adapter, vocab_map=vocab_map, draft_layers=draft_layers,
                                keep_states=self.mode is Mode.FEATURE, keep_layer_states=self.reuse_layers)
+        if tree.lookup and not self.drafter.shares_verifier_cache:
+            raise ValueError("a context-lookup chain needs a drafter without a cache of its own (the verifier's "
+                             "first layers, draft_layers=k, or draft=None): a drafter with its own cache would "
+                             "miss the K/V of accepted lookup tokens")
         config = getattr(target, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
         self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))

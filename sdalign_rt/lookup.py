@@ -88,7 +88,6 @@ class ContextLookup:
             begins = self._columns[: capacity - n + 1]
             # An earlier occurrence with at least one token after it (s + n < length excludes the suffix itself).
             hits = (windows == suffix[:, None, :]).all(-1) & (begins[None] + n < length[:, None])
-            hits &= (length > n)[:, None]
             latest = torch.where(hits, begins[None], -1).amax(-1)
             first = (start < 0) & (latest >= 0)
             matched = torch.where(first, n, matched)

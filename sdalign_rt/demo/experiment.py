@@ -66,7 +66,7 @@ class DemoConfig:
     epochs: int = 3
     seed: int = 0
     # The tree's top path takes this many tokens from the context lookup where the text's last 2+ tokens occurred
-    # before (TreeSpec.with_lookup_top): copies of the prompt at no extra verified width. 1.27x against 1.17x over
+    # before (TreeSpec.with_lookup_top): copies of the prompt at no extra verified width. 1.25x against 1.17x over
     # our one-token decode with the single planned draft (bench/results/lookup_cpu.json); 0: the adapter alone.
     lookup_top: int = 1
     eval_prompts: int = 4  # frozen evaluation conversations every peer runs, timed (--full: 11, one per kind)
@@ -295,12 +295,6 @@ def planned_tree(model, tokenizer, adapter, k: int, cache_dir: str, config: Demo
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     return planned.tree, report
-
-
-def with_lookup(tree, config: DemoConfig):
-    """The demo's tree with config.lookup_top of its top path taken from the context lookup (as far as the tree
-    has a top path: a static tree's (0,), (0, 0), ...)."""
-    return tree.with_lookup_top_within(config.lookup_top) if config.lookup_top else tree
 
 
 # Prompt lookup alone through our runtime (no drafter model): 3 copied tokens per step, HF's peer.
@@ -554,7 +548,7 @@ def run_demo(config: DemoConfig, cache_dir: str | None = None, progress: bool = 
     ours = checkpoint is None  # the shipped adapter and plan are SmolLM2's
     adapter, alignment = prepare_adapter(model, tokenizer, k, cache_dir, config, progress, retrain, ours)
     tree, plan = planned_tree(model, tokenizer, adapter, k, cache_dir, config, progress, retrain, ours)
-    tree = with_lookup(tree, config)
+    tree = tree.with_lookup_top_within(config.lookup_top)  # as deep as the planned tree's top path reaches
     result = measure(model, tokenizer, adapter, k, tree, config, progress)
     if config.acceptance_prompts:
         result["acceptance"] = eval_acceptance(model, tokenizer, adapter, k, tree, config.acceptance_prompts,
