@@ -1,13 +1,14 @@
 """Few-row linear layers on the CPU: F.linear vs sdalign_rt.cpu_linear (torch.mm's small-N path for 1-2 rows,
-the extension's few_row_linear for 3-8).
+the extension's few_row_linear for 3-8), with torch.mm's small-N path and few_row_linear also timed alone
+at every row count (the evidence for cpu_linear's dispatch).
 
     python3 bench/bench_cpu_linear.py [--rounds 3] [--quick]
 
 Shapes: SmolLM2-135M's projections (576 -> 1536, 1536 -> 576, 576 -> 576, 576 -> 192) and its LM head
 (576 -> 49152), and a Vicuna-7B MLP projection (4096 -> 11008); rows 1 .. 9, fp32. Each small weight is
 stacked in enough copies to exceed the last-level cache, as a real forward streams every layer's weights
-once. Both orientations are timed in the same round, rounds alternate their order, and the ratio quoted is
-the median over rounds. Writes bench/results/cpu_linear_cpu.json and .png.
+once. Every provider is timed in the same round, rounds alternate their order, and the ratio quoted
+(cpu_linear over F.linear) is the median over rounds. Writes bench/results/cpu_linear_cpu.json and .png.
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def _median_us(fn, reps: int) -> float:
     return time_cpu(fn, min_reps=reps, min_seconds=0.0, warmup=1, max_reps=reps)["median_us"]
 
 
+def _small_n_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """MKL's small-N path, as cpu_linear calls it (one row duplicated to make two)."""
+    rows = x if len(x) > 1 else x.expand(2, -1)
+    return torch.mm(weight, rows.contiguous().T).T[: len(x)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -44,6 +51,7 @@ def main(argv=None) -> int:
     from sdalign_rt.demo.experiment import environment
 
     torch.set_grad_enabled(False)
+    few_row = cpu_linear._few_row_op()  # the extension's op (None without it)
     row_counts = (1, 2, 4, 9) if args.quick else tuple(range(1, 10))
     reps = 5 if args.quick else 15
     result = {"environment": environment(), "rounds": args.rounds, "shapes": {}}
@@ -52,21 +60,25 @@ def main(argv=None) -> int:
         rows = {}
         for count in row_counts:
             x = torch.randn(count, in_features)
-            times = {"F.linear": [], "cpu_linear": []}
+            # cpu_linear's candidate kernels timed apart too, so the JSON shows why it dispatches as it does.
+            providers = {"F.linear": torch.nn.functional.linear, "cpu_linear": cpu_linear.linear,
+                         "torch.mm": _small_n_mm}
+            if few_row is not None:
+                providers["few_row_linear"] = few_row
+            times = {provider: [] for provider in providers}
             for round_ in range(args.rounds):
-                order = ("F.linear", "cpu_linear") if round_ % 2 == 0 else ("cpu_linear", "F.linear")
+                order = list(providers) if round_ % 2 == 0 else list(providers)[::-1]
                 for provider in order:
-                    fn = torch.nn.functional.linear if provider == "F.linear" else cpu_linear.linear
+                    fn = providers[provider]
                     times[provider].append(_median_us(lambda: [fn(x, w) for w in weights], reps) / copies)
             ratios = [a / b for a, b in zip(times["F.linear"], times["cpu_linear"])]
-            rows[str(count)] = {"F.linear_us": statistics.median(times["F.linear"]),
-                                "cpu_linear_us": statistics.median(times["cpu_linear"]),
-                                "speedup_median": statistics.median(ratios),
-                                "weight_GBps_cpu_linear": out_features * in_features * 4
-                                / statistics.median(times["cpu_linear"]) / 1e3}
-            print(f"{name:26s} rows {count}: F.linear {rows[str(count)]['F.linear_us']:9.1f} us, cpu_linear "
-                  f"{rows[str(count)]['cpu_linear_us']:9.1f} us ({rows[str(count)]['speedup_median']:.2f}x)",
-                  flush=True)
+            row = {f"{provider}_us": statistics.median(values) for provider, values in times.items()}
+            row.update(speedup_median=statistics.median(ratios),
+                       weight_GBps_cpu_linear=out_features * in_features * 4 / row["cpu_linear_us"] / 1e3)
+            rows[str(count)] = row
+            print(f"{name:26s} rows {count}: " + ", ".join(f"{provider} {row[provider + '_us']:9.1f} us"
+                                                           for provider in providers)
+                  + f" (cpu_linear {row['speedup_median']:.2f}x F.linear)", flush=True)
         result["shapes"][name] = rows
         del weights
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -2,15 +2,16 @@
 
 A decode step multiplies 1 to ~8 rows (the tree's nodes) by each weight matrix, so it should cost the time the
 weight takes to stream from memory, whatever the row count. Measured on this project's 2-core CPU (fp32, weights
-streamed as a forward streams them; bench/results/cpu_linear_cpu.json): F.linear on one row runs MKL's
-matrix-vector path at ~12 GB/s; `torch.mm(weight, rows.T)` on 2 rows runs MKL's small-N path at ~30 GB/s but
-turns compute-bound from 3 rows on (a 4-node verify of SmolLM2 spent 1.5x a 2-node one in its projections); the
-extension's `few_row_linear` (csrc/few_row_linear.cpp: each pair of weight rows read once and multiplied with
-every row in registers) holds ~24 GB/s for 1 to 8 rows. So fp32 CPU projections of 1-2 rows take `torch.mm`
-(one row duplicated to make two), 3-8 rows `few_row_linear` (but 3-4 rows by a small model's LM head, tall and
-narrow, where MKL's small-N path stays ahead, `torch.mm`), everything else the module itself; without the
-extension, 3-4 rows take `torch.mm`. Same weights, same math; only the summation order inside the product
-differs, as it does between any two batch shapes. SDALIGN_RT_CPU_LINEAR=module turns it all off.
+streamed as a forward streams them; bench/results/cpu_linear_cpu.json times every candidate): F.linear on one row
+runs MKL's matrix-vector path at ~11 GB/s; `torch.mm(weight, rows.T)` on 2 rows runs MKL's small-N path at ~30
+GB/s but slows from 3 rows on; the extension's `few_row_linear` (csrc/few_row_linear.cpp: each pair of weight rows
+read once and multiplied with every row in registers) streams ~20-30 GB/s at any of 1 to 8 rows. So fp32 CPU
+projections of 1-2 rows take `torch.mm` (one row duplicated to make two), 3-8 rows `few_row_linear` (over a
+SmolLM2 layer's seven projections at 4 rows: 633 us against torch.mm's 726, though torch.mm still wins the
+576 -> 1536 ones there), except 3-4 rows by a small model's LM head, tall and narrow, where MKL's small-N path stays
+ahead (`torch.mm`); everything else takes the module itself; without the extension, 3-4 rows take `torch.mm`. Same
+weights, same math; only the summation order inside the product differs, as it does between any two batch shapes.
+SDALIGN_RT_CPU_LINEAR=module turns it all off.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 MAX_ROWS = 8  # past this the module's own GEMM (MKL's blocked path) is the right one
 MM_ROWS = 2  # torch.mm's small-N path up to here (and as the fallback up to 4 without the extension)
 TALL = 8192  # a weight at least this tall and at most NARROW wide (a small model's LM head) keeps torch.mm up to
-NARROW = 1024  # MM_TALL_ROWS rows (SmolLM2's head: 4.0-4.7 ms there against 5.2; a 4096-wide one gains from few_row)
+NARROW = 1024  # MM_TALL_ROWS rows (SmolLM2's head: 4.1-4.7 ms there against 5.1-5.4; 4096-wide ones gain from few_row)
 MM_TALL_ROWS = 4
 
 
